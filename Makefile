@@ -1,0 +1,38 @@
+# Two entry points for a fresh machine: `make demo` and `make test`.
+# Each creates .venv and installs what it needs. torch is installed first, pinned to the
+# CPU build, so nothing pulls a multi-GB CUDA wheel; a GPU user installs their own torch
+# into .venv first (see README) and it is kept.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= ../shared/data
+DEMO_VIDEO ?= $(DATA)/driving_controlnext_v2_01.mp4
+DEMO_REF ?= $(DATA)/ref_controlnext_v2_01.jpeg
+DEMO_OUT ?= demo
+
+.PHONY: demo test bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@test -f "$(DEMO_VIDEO)" || { echo "demo: driving clip $(DEMO_VIDEO) not found; run 'make demo DEMO_VIDEO=your.mp4 DEMO_REF=your.png'"; exit 2; }
+	$(BIN)/svd-animate pose --video "$(DEMO_VIDEO)" --ref "$(DEMO_REF)" --max-frames 48 --stride 2 \
+		-o $(DEMO_OUT)/poses.npz --preview $(DEMO_OUT)/pose_preview.mp4
+	@echo "demo: wrote $(DEMO_OUT)/poses.npz and $(DEMO_OUT)/pose_preview.mp4 (source | aligned skeleton)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/pose.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

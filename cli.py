@@ -1,0 +1,150 @@
+"""The `svd-animate` command.
+
+Sub-commands: `pose` (driving video -> aligned skeletons). The animation, batch, training and
+conversion commands arrive with the model (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from pose.errors import InputError
+
+logger = logging.getLogger("svd_animate")
+
+PROG = "svd-animate"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def add_pose_parser(subparsers) -> None:
+    from pose.align import ALIGN_METHODS
+    from pose.detect import DETECTORS
+    from pose.extract import FILL_MODES
+
+    p = subparsers.add_parser(
+        "pose", help="extract (and align) the driving skeletons of a video",
+        description="Extract the driving person's whole-body pose from every kept frame of a video, "
+                    "optionally retarget it to the person in a reference image, and save a PoseSequence "
+                    ".npz (input of `svd-animate --pose`). Poses are cached by the video's content.",
+    )
+    p.add_argument("--video", required=True, type=Path, help="driving video (mp4, mov, webm, ...)")
+    p.add_argument("--ref", type=Path, help="reference image to align the poses to")
+    p.add_argument("--detector", choices=DETECTORS, default="auto",
+                   help="pose backend (default: auto = DWPose if its weights are available here, else MediaPipe)")
+    p.add_argument("--dwpose-dir", type=Path, help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx")
+    p.add_argument("--align", choices=[*ALIGN_METHODS, "none"], default=None,
+                   help="ls: the published least-squares fit; bones: ls plus the reference's limb lengths; "
+                        "none: keep the driving positions (default: ls with --ref, none without)")
+    p.add_argument("--stride", type=_positive_int, default=1, help="keep every N-th frame (default 1)")
+    p.add_argument("--max-frames", type=_positive_int, help="stop after N kept frames")
+    p.add_argument("--start", type=_seconds, default=0.0, help="start time in seconds")
+    p.add_argument("--end", type=_seconds, help="end time in seconds")
+    p.add_argument("--fill", choices=FILL_MODES, default="interpolate",
+                   help="frames with nobody found: interpolate between neighbours (default) or hold the last pose")
+    p.add_argument("--cache-dir", type=Path, help="pose cache folder (default: $SVD_ANIMATE_CACHE or "
+                                                  "~/.cache/svd-animate/poses)")
+    p.add_argument("--no-cache", action="store_true", help="extract again even when the cache has these poses")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output .npz")
+    p.add_argument("--preview", type=Path, help="also write a preview video: source | skeleton (| on the reference)")
+    p.set_defaults(run=run_pose)
+
+
+def run_pose(args) -> int:
+    from pose.align import align
+    from pose.cache import PoseCache
+    from pose.detect import load_detector
+    from pose.extract import ExtractSettings, detect_reference, extract_video
+    from pose.preview import write_preview
+    from pose.video import check_writable, is_image_path
+
+    if is_image_path(args.video):
+        raise InputError(f"{args.video}: is an image; --video takes a driving video")
+    method = args.align or ("ls" if args.ref else "none")
+    if method != "none" and args.ref is None:
+        raise InputError(f"--align {method} needs --ref (the image to align to)")
+    if args.end is not None and args.end <= args.start:
+        raise InputError(f"--end ({args.end}s) must come after --start ({args.start}s)")
+    check_writable(args.output)
+    if args.preview:
+        check_writable(args.preview)
+    if args.ref is not None and not args.ref.is_file():
+        raise InputError(f"{args.ref}: no such file")
+
+    settings = ExtractSettings(args.stride, args.max_frames, args.start, args.end, args.fill)
+    cache = None if args.no_cache else PoseCache(args.cache_dir)
+    with load_detector(args.detector, dwpose_dir=args.dwpose_dir) as detector:
+        reference_image = None
+        reference = None
+        if args.ref is not None and method != "none":
+            reference, reference_image = detect_reference(args.ref, detector)
+        elif args.ref is not None:
+            from pose.video import read_image
+
+            reference_image = read_image(args.ref)
+        result = extract_video(args.video, detector, settings, cache, progress=not args.quiet)
+    poses = result.poses
+    if reference is not None:
+        poses = align(poses, reference, method)
+    elif reference_image is not None:
+        poses = poses.replace(width=reference_image.shape[1], height=reference_image.shape[0])
+    poses.meta = {**poses.meta, "reference": args.ref.name if args.ref else None, "align": poses.meta.get(
+        "align", {"method": method})}
+    poses.save(args.output)
+    if args.preview:
+        write_preview(args.preview, args.video, poses, settings, reference_image, progress=not args.quiet)
+
+    source = "cache" if result.from_cache else poses.meta.get("detector", args.detector)
+    filled = f", {poses.num_filled} filled (no person found)" if poses.num_filled else ""
+    print(f"{args.output}: {len(poses)} frames at {poses.fps:g} fps from {source}{filled}, align {method}")
+    if args.preview:
+        print(f"{args.preview}: preview")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Pose-driven character animation on Stable Video "
+                                                            "Diffusion (ControlNeXt).")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_pose_parser(subparsers)
+    for sub in subparsers.choices.values():
+        sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    warnings.filterwarnings("ignore", module="google.protobuf")
+    try:
+        return args.run(args)
+    except InputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Driving video -> `PoseSequence`: stream frames, detect, follow one person, fill gaps, cache."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .cache import PoseCache, cache_key, file_digest
+from .detect.base import PoseDetector
+from .errors import InputError, NoPersonError
+from .skeleton import ARRAY_SHAPES, PoseSequence
+from .video import iter_frames, probe_video, read_image
+
+logger = logging.getLogger(__name__)
+
+FILL_MODES = ("interpolate", "hold")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractSettings:
+    stride: int = 1
+    max_frames: int | None = None
+    start: float = 0.0
+    end: float | None = None
+    fill: str = "interpolate"
+
+
+@dataclasses.dataclass
+class Extraction:
+    poses: PoseSequence
+    from_cache: bool
+    cache_path: Path | None
+
+
+def fill_gaps(frames: list[dict | None], mode: str = "interpolate") -> tuple[list[dict], np.ndarray]:
+    """Fill frames where nobody was found (None) from the detected ones.
+
+    `interpolate`: linear in time between the two nearest detected frames, each score the smaller of
+    the two; before the first and after the last detection the nearest pose is held. `hold`: the
+    previous detection (the first one for leading gaps). Returns the frames and the filled mask.
+    Raises `NoPersonError` when no frame has a person.
+    """
+    if mode not in FILL_MODES:
+        raise InputError(f"unknown fill mode {mode!r}; choose {' or '.join(FILL_MODES)}")
+    found = np.array([f is not None for f in frames])
+    if not found.any():
+        raise NoPersonError("no person was found in any frame")
+    known = np.flatnonzero(found)
+    out = []
+    for t, frame in enumerate(frames):
+        if frame is not None:
+            out.append(frame)
+            continue
+        after = known[known > t]
+        before = known[known < t]
+        if mode == "hold" or not len(before) or not len(after):
+            source = before[-1] if len(before) else after[0]
+            out.append({k: v.copy() for k, v in frames[source].items()})
+            continue
+        t0, t1 = before[-1], after[0]
+        w = (t - t0) / (t1 - t0)
+        a, b = frames[t0], frames[t1]
+        out.append({name: (np.minimum(a[name], b[name]) if name.endswith("score")
+                           else (1 - w) * a[name] + w * b[name]).astype(np.float32)
+                    for name in ARRAY_SHAPES})
+    return out, ~found
+
+
+def extract_video(
+    video,
+    detector: PoseDetector,
+    settings: ExtractSettings = ExtractSettings(),
+    cache: PoseCache | None = None,
+    progress: bool = True,
+) -> Extraction:
+    """Poses of the person in `video` (one per kept frame); a cache hit extracts nothing."""
+    video = Path(video)
+    info = probe_video(video)
+    key = None
+    if cache is not None:
+        key = cache_key(file_digest(video), detector.name, detector.settings(),
+                        dataclasses.asdict(settings))
+        hit = cache.get(key)
+        if hit is not None:
+            logger.info("%s: poses from cache (%s)", video, cache.path(key))
+            return Extraction(hit, True, cache.path(key))
+
+    detector.reset()
+    frames, indices = [], []
+    expected = _expected_count(info, settings)
+    bar = tqdm(total=expected, desc=f"poses {video.name}", unit="frame", disable=not progress, leave=False)
+    try:
+        for index, rgb in iter_frames(video, settings.stride, settings.max_frames, settings.start, settings.end):
+            frames.append(detector.detect(rgb))
+            indices.append(index)
+            bar.update(1)
+    finally:
+        bar.close()
+        detector.reset()
+    try:
+        filled_frames, filled = fill_gaps(frames, settings.fill)
+    except NoPersonError:
+        raise NoPersonError(f"{video}: no person was found in any of its {len(frames)} frames") from None
+    if filled.any():
+        logger.warning("%s: no person in %d of %d frames (%s from neighbours)", video, int(filled.sum()),
+                       len(frames), "interpolated" if settings.fill == "interpolate" else "held")
+    fps = info.fps / settings.stride
+    meta = {"source": video.name, "detector": detector.name, "detector_settings": detector.settings(),
+            "source_fps": info.fps, "stride": settings.stride}
+    poses = PoseSequence.stack(filled_frames, info.width, info.height, fps,
+                               frame_index=np.array(indices), filled=filled, meta=meta)
+    cache_path = cache.put(key, poses) if cache is not None else None
+    return Extraction(poses, False, cache_path)
+
+
+def _expected_count(info, settings: ExtractSettings) -> int | None:
+    if not info.num_frames:
+        return settings.max_frames
+    first = int(settings.start * info.fps)
+    last = int(settings.end * info.fps) if settings.end is not None else info.num_frames
+    count = max(0, (min(last, info.num_frames) - first + settings.stride - 1) // settings.stride)
+    return min(count, settings.max_frames) if settings.max_frames else count
+
+
+def detect_reference(image_path, detector: PoseDetector) -> tuple[PoseSequence, np.ndarray]:
+    """The reference image's pose (a one-frame sequence) and the image itself."""
+    image = read_image(image_path)
+    pose = detector.detect_image(image)
+    if pose is None or not (pose["body_score"] > 0.3).any():
+        raise NoPersonError(
+            f"{image_path}: no person found in the reference image; stylised characters often defeat pose "
+            "detectors: use --align none to skip alignment"
+        )
+    height, width = image.shape[:2]
+    seq = PoseSequence.stack([pose], width, height, fps=1.0, meta={"source": Path(image_path).name})
+    return seq, image

@@ -1,0 +1,244 @@
+"""Read video frames as a stream (PyAV) and images (OpenCV); write videos atomically.
+
+Frames are decoded one at a time and yielded as RGB uint8 arrays with the container's
+rotation applied, so a phone clip comes out upright and memory does not grow with length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import av
+import cv2
+import numpy as np
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    path: Path
+    width: int  # after rotation
+    height: int
+    fps: float
+    num_frames: int  # as declared by the container (0 when unknown)
+    duration: float | None
+    rotation: int  # degrees counter-clockwise applied to each frame
+
+
+def _open(path) -> av.container.InputContainer:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    try:
+        container = av.open(str(path))
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except av.error.FFmpegError as e:
+        raise InputError(f"{path}: not a readable video ({_reason(e)})") from None
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"{path}: contains no video stream")
+    return container
+
+
+def _reason(error: Exception) -> str:
+    return getattr(error, "strerror", None) or str(error)
+
+
+def _rotation_turns(frame: av.VideoFrame) -> int:
+    """Quarter turns counter-clockwise that make the frame upright (0..3)."""
+    return int(round(frame.rotation / 90.0)) % 4
+
+
+def probe_video(path) -> VideoInfo:
+    """Size, fps, frame count and rotation, reading at most the first frame."""
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+        if duration is None and container.duration:
+            duration = container.duration / av.time_base
+        try:
+            first = next(container.decode(stream), None)
+        except av.error.FFmpegError as e:
+            raise InputError(f"{path}: the video cannot be decoded ({_reason(e)})") from None
+        if first is None:
+            raise InputError(f"{path}: the video has no frames")
+        turns = _rotation_turns(first)
+        width, height = (first.height, first.width) if turns % 2 else (first.width, first.height)
+        return VideoInfo(Path(path), width, height, fps, int(stream.frames or 0), duration, turns * 90)
+
+
+def iter_frames(
+    path,
+    stride: int = 1,
+    max_frames: int | None = None,
+    start: float = 0.0,
+    end: float | None = None,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield `(source_index, rgb_frame)` for every `stride`-th frame between `start` and `end` seconds.
+
+    `source_index` counts decoded frames from the start of the file, so poses can be matched back to
+    frames. A stream that breaks off mid-way raises `InputError` naming the last good frame.
+    """
+    if stride < 1:
+        raise InputError(f"--stride must be at least 1, got {stride}")
+    if max_frames is not None and max_frames < 1:
+        raise InputError(f"--max-frames must be at least 1, got {max_frames}")
+    if start < 0 or (end is not None and end <= start):
+        raise InputError(f"invalid time range: start {start}s, end {end}s")
+    yielded = 0
+    with _open(path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if start > 0 and stream.time_base:
+            container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        seeked = start > 0
+        index = -1
+        kept = 0
+        try:
+            for frame in container.decode(stream):
+                time = frame.time
+                # After a seek, count from the timestamp; otherwise count decoded frames.
+                index = round(time * fps) if seeked and time is not None else index + 1
+                if time is not None and time < start - 1e-6:
+                    continue
+                if end is not None and time is not None and time >= end:
+                    break
+                kept += 1
+                if (kept - 1) % stride:
+                    continue
+                rgb = frame.to_ndarray(format="rgb24")
+                turns = _rotation_turns(frame)
+                if turns:
+                    rgb = np.ascontiguousarray(np.rot90(rgb, turns))
+                yield index, rgb
+                yielded += 1
+                if max_frames is not None and yielded >= max_frames:
+                    return
+        except av.error.FFmpegError as e:
+            raise InputError(
+                f"{path}: the video is damaged or truncated after frame {index} ({_reason(e)})"
+            ) from None
+    if yielded == 0:
+        where = "" if start == 0 and end is None else f" between {start}s and {end}s"
+        raise InputError(f"{path}: the video has no frames{where}")
+    declared = int(stream.frames or 0)
+    if declared and end is None and max_frames is None and start == 0 and index + 1 < declared * 0.9:
+        logger.warning("%s: only %d of %d declared frames could be decoded (truncated file?)",
+                       path, index + 1, declared)
+
+
+def read_image(path) -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3), EXIF orientation applied by OpenCV."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{path}: permission denied")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise InputError(f"{path}: not a readable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def is_image_path(path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+class VideoWriter:
+    """Encode RGB frames to an mp4 (H.264 when available), atomically.
+
+    Frames go to a temporary file beside the target, renamed over it only by `close()` after the
+    last frame; an exception inside the `with` block removes the temporary file and leaves any
+    existing output untouched.
+    """
+
+    def __init__(self, path, fps: float, crf: int = 18):
+        self.path = Path(path)
+        check_writable(self.path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".part.mp4", dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self._fps = Fraction(fps).limit_denominator(1001)
+        self._crf = crf
+        self._container = av.open(str(self._tmp), mode="w", format="mp4")
+        self._stream = None
+        self.frames_written = 0
+
+    def write(self, frame: np.ndarray) -> None:
+        height, width = frame.shape[:2]
+        if self._stream is None:
+            codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+            self._stream = self._container.add_stream(codec, rate=self._fps)
+            self._stream.width, self._stream.height = width - width % 2, height - height % 2
+            self._stream.pix_fmt = "yuv420p"
+            if codec == "libx264":
+                self._stream.options = {"crf": str(self._crf), "preset": "veryfast"}
+        frame = np.ascontiguousarray(frame[: self._stream.height, : self._stream.width])
+        packet_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        for packet in self._stream.encode(packet_frame):
+            self._container.mux(packet)
+        self.frames_written += 1
+
+    def close(self) -> Path:
+        if self._stream is not None:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        self._container.close()
+        if self.frames_written == 0:
+            self._tmp.unlink(missing_ok=True)
+            raise InputError(f"{self.path}: no frames to write")
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._container.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+def check_writable(path) -> Path:
+    """Fail early, before any work, when `path` cannot be written (probes with a real file, since
+    permission bits say nothing for root or read-only mounts)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{path}: folder {parent} does not exist")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, expected a file name")
+    try:
+        with tempfile.NamedTemporaryFile(prefix=f".{path.name}.", suffix=".probe", dir=parent):
+            pass
+    except OSError as e:
+        raise InputError(f"{path}: not writable ({e.strerror or e})") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{path}: not writable")
+    return path
