@@ -46,6 +46,8 @@ def _open(path) -> av.container.InputContainer:
         container = av.open(str(path))
     except PermissionError:
         raise InputError(f"{path}: permission denied") from None
+    except av.error.EOFError:
+        raise InputError(f"{path}: the video has no frames (empty, or cut off before its first frame)") from None
     except av.error.FFmpegError as e:
         raise InputError(f"{path}: not a readable video ({_reason(e)})") from None
     if not container.streams.video:
