@@ -72,7 +72,7 @@ def run_pose(args) -> int:
     from pose.detect import load_detector
     from pose.extract import ExtractSettings, detect_reference, extract_video
     from pose.preview import write_preview
-    from pose.video import check_writable, is_image_path
+    from pose.video import check_writable, is_image_path, probe_video
 
     if is_image_path(args.video):
         raise InputError(f"{args.video}: is an image; --video takes a driving video")
@@ -86,6 +86,7 @@ def run_pose(args) -> int:
         check_writable(args.preview)
     if args.ref is not None and not args.ref.is_file():
         raise InputError(f"{args.ref}: no such file")
+    probe_video(args.video)  # a bad video fails here, before any model loads
 
     settings = ExtractSettings(args.stride, args.max_frames, args.start, args.end, args.fill)
     cache = None if args.no_cache else PoseCache(args.cache_dir)
