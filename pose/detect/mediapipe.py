@@ -36,6 +36,8 @@ FACE68_FROM_MESH = (
 
 def _import_mediapipe():
     os.environ.setdefault("GLOG_minloglevel", "2")
+    # mediapipe 0.10.x calls a protobuf API that protobuf 4.25 marks deprecated on every frame.
+    warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype", category=UserWarning)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import mediapipe as mp
