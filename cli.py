@@ -36,7 +36,9 @@ def _seconds(text: str) -> float:
 def add_pose_parser(subparsers) -> None:
     from pose.align import ALIGN_METHODS
     from pose.detect import DETECTORS
-    from pose.extract import FILL_MODES
+    from pose.extract import FILL_MODES, ExtractSettings
+
+    defaults = ExtractSettings()
 
     p = subparsers.add_parser(
         "pose", help="extract (and align) the driving skeletons of a video",
@@ -52,12 +54,14 @@ def add_pose_parser(subparsers) -> None:
     p.add_argument("--align", choices=[*ALIGN_METHODS, "none"], default=None,
                    help="ls: the published least-squares fit; bones: ls plus the reference's limb lengths; "
                         "none: keep the driving positions (default: ls with --ref, none without)")
-    p.add_argument("--stride", type=_positive_int, default=1, help="keep every N-th frame (default 1)")
-    p.add_argument("--max-frames", type=_positive_int, help="stop after N kept frames")
-    p.add_argument("--start", type=_seconds, default=0.0, help="start time in seconds")
-    p.add_argument("--end", type=_seconds, help="end time in seconds")
-    p.add_argument("--fill", choices=FILL_MODES, default="interpolate",
-                   help="frames with nobody found: interpolate between neighbours (default) or hold the last pose")
+    p.add_argument("--stride", type=_positive_int, default=defaults.stride,
+                   help=f"keep every N-th frame (default {defaults.stride})")
+    p.add_argument("--max-frames", type=_positive_int, default=defaults.max_frames, help="stop after N kept frames")
+    p.add_argument("--start", type=_seconds, default=defaults.start, help="start time in seconds")
+    p.add_argument("--end", type=_seconds, default=defaults.end, help="end time in seconds")
+    p.add_argument("--fill", choices=FILL_MODES, default=defaults.fill,
+                   help=f"frames with nobody found: interpolate between neighbours or hold the last pose "
+                        f"(default {defaults.fill})")
     p.add_argument("--cache-dir", type=Path, help="pose cache folder (default: $SVD_ANIMATE_CACHE or "
                                                   "~/.cache/svd-animate/poses)")
     p.add_argument("--no-cache", action="store_true", help="extract again even when the cache has these poses")
