@@ -24,6 +24,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 demo: $(STAMP)
 	@test -f "$(DEMO_VIDEO)" || { echo "demo: driving clip $(DEMO_VIDEO) not found; run 'make demo DEMO_VIDEO=your.mp4 DEMO_REF=your.png'"; exit 2; }
+	mkdir -p $(DEMO_OUT)
 	$(BIN)/svd-animate pose --video "$(DEMO_VIDEO)" --ref "$(DEMO_REF)" --max-frames 48 --stride 2 \
 		-o $(DEMO_OUT)/poses.npz --preview $(DEMO_OUT)/pose_preview.mp4
 	@echo "demo: wrote $(DEMO_OUT)/poses.npz and $(DEMO_OUT)/pose_preview.mp4 (source | aligned skeleton)"

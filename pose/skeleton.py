@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import publish
 from .errors import InputError
 
 FORMAT_NAME = "svd-animate.pose"
@@ -126,7 +127,7 @@ class PoseSequence:
             with os.fdopen(fd, "wb") as f:
                 np.savez(f, header=np.array(json.dumps(header)), frame_index=self.frame_index,
                          filled=self.filled, **self.arrays())
-            os.replace(tmp, path)
+            publish(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -18,6 +18,7 @@ import av
 import cv2
 import numpy as np
 
+from .atomic import publish
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ class VideoWriter:
         if self.frames_written == 0:
             self._tmp.unlink(missing_ok=True)
             raise InputError(f"{self.path}: no frames to write")
-        os.replace(self._tmp, self.path)
+        publish(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -32,6 +33,9 @@ def test_roundtrip_keeps_everything(tmp_path):
     assert (loaded.width, loaded.height, loaded.fps, loaded.meta) == (576, 1024, 14.5, {"detector": "test"})
     assert loaded.num_filled == 1
     assert [p.name for p in tmp_path.iterdir()] == ["poses.npz"]  # no temporary file left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's owner-only mode
 
 
 def test_empty_marks_every_point_missing():

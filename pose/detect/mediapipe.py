@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 
+from ..errors import InputError
 from .base import PoseDetector, empty_pose
 
 # OpenPose-18 index <- MediaPipe pose-33 index (None: neck, the mean of the shoulders 11 and 12).
@@ -41,6 +42,9 @@ def _import_mediapipe():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import mediapipe as mp
+    if not hasattr(mp, "solutions"):
+        raise InputError(f"mediapipe {getattr(mp, '__version__', '?')} has no Holistic solution with bundled models; "
+                         "install mediapipe==0.10.14 or use --detector dwpose")
     return mp
 
 

@@ -1,0 +1,20 @@
+"""Finishing an atomic write: the temporary file gets normal permissions, then replaces the target."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def publish(tmp, path) -> Path:
+    """Rename `tmp` over `path` with the mode a plain `open(path, "w")` would have given it
+    (mkstemp creates files readable by their owner only)."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+    return Path(path)
