@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from svd_controlnext.cross_norm import cross_normalize
+from svd_controlnext.injection import ControlInjector, add_control, inject_control
+from svd_controlnext.tiny import tiny_pose_encoder, tiny_unet
+
+FRAMES = 3
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = tiny_unet().eval()
+    model.set_default_attn_processor()
+    return model
+
+
+def unet_inputs(batch=1, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return dict(sample=torch.randn(batch, FRAMES, 8, 16, 16, generator=g), timestep=torch.tensor(0.5),
+                encoder_hidden_states=torch.randn(batch, 1, 32, generator=g),
+                added_time_ids=torch.tensor([[6.0, 127.0, 0.02]] * batch))
+
+
+def control_for(site, batch=1, seed=2):
+    torch.manual_seed(seed)
+    encoder = tiny_pose_encoder(site).eval()
+    with torch.no_grad():
+        return encoder(torch.rand(batch, FRAMES, 3, 128, 128), 0.5)
+
+
+def capture_down_block(unet):
+    seen = {}
+    handle = unet.down_blocks[0].register_forward_hook(lambda m, a, out: seen.update(hidden=out[0], skips=out[1]))
+    return seen, handle
+
+
+@torch.no_grad()
+def test_down_block_site_changes_main_path_only(unet):
+    control = control_for("down_blocks.0")
+    seen, handle = capture_down_block(unet)
+    plain_out = unet(**unet_inputs()).sample
+    plain = dict(seen)
+    with inject_control(unet, control, scale=1.5):
+        seen_handle = unet.down_blocks[0].register_forward_hook(lambda m, a, out: seen.update(hidden=out[0], skips=out[1]))
+        injected_out = unet(**unet_inputs()).sample
+        seen_handle.remove()
+    handle.remove()
+    expected = plain["hidden"] + cross_normalize(control, plain["hidden"]) * 0.2 * 1.5
+    torch.testing.assert_close(seen["hidden"], expected)
+    for before, after in zip(plain["skips"], seen["skips"]):
+        assert torch.equal(before, after)  # the skip connections stay untouched
+    assert seen["skips"][-1] is not seen["hidden"]
+    assert not torch.allclose(plain_out, injected_out)
+    torch.testing.assert_close(unet(**unet_inputs()).sample, plain_out, rtol=0, atol=0)  # removed cleanly
+
+
+@torch.no_grad()
+def test_mid_block_site(unet):
+    control = control_for("mid_block")
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["input"] = kwargs["hidden_states"]
+
+    handle = unet.mid_block.register_forward_pre_hook(grab, with_kwargs=True)
+    unet(**unet_inputs())
+    plain = seen["input"]
+    handle.remove()
+    with inject_control(unet, control, scale=1.0, site="mid_block", strength=1.0):
+        handle = unet.mid_block.register_forward_pre_hook(grab, with_kwargs=True)
+        unet(**unet_inputs())
+        handle.remove()
+    torch.testing.assert_close(seen["input"], plain + cross_normalize(control, plain))
+
+
+@torch.no_grad()
+def test_guidance_batch_gets_control_on_the_conditional_half_only(unet):
+    control = control_for("down_blocks.0")
+    single = unet_inputs(batch=1)
+    doubled = {k: torch.cat([v, v]) if k != "timestep" else v for k, v in single.items()}
+    plain = unet(**single).sample
+    with inject_control(unet, control):
+        cond_only = unet(**single).sample
+        both = unet(**doubled).sample
+    torch.testing.assert_close(both[:1], plain, rtol=1e-5, atol=1e-5)  # unconditional half untouched
+    torch.testing.assert_close(both[1:], cond_only, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_scale_zero_and_cleared_injector_change_nothing(unet):
+    control = control_for("down_blocks.0")
+    plain = unet(**unet_inputs()).sample
+    with inject_control(unet, control, scale=0.0):
+        torch.testing.assert_close(unet(**unet_inputs()).sample, plain, rtol=0, atol=0)
+    injector = ControlInjector(unet)
+    injector.set(control, 1.0)
+    assert not torch.allclose(unet(**unet_inputs()).sample, plain)
+    injector.clear()
+    torch.testing.assert_close(unet(**unet_inputs()).sample, plain, rtol=0, atol=0)
+    injector.remove()
+
+
+def test_mismatched_rows_and_unknown_site(unet):
+    with pytest.raises(ValueError, match="do not fit a UNet batch"):
+        add_control(torch.zeros(6, 4, 2, 2), torch.zeros(4, 4, 2, 2), 0.2)
+    with pytest.raises(ValueError, match="unknown injection site"):
+        ControlInjector(unet, site="conv_in")
