@@ -1,7 +1,7 @@
 """The `svd-animate` command.
 
-Sub-commands: `pose` (driving video -> aligned skeletons). The animation, batch, training and
-conversion commands arrive with the model (see DESIGN.md).
+Sub-commands: `pose` (driving video -> aligned skeletons), `convert` (published checkpoints ->
+diffusers-style folder). The animation, batch and training commands arrive with the pipeline.
 """
 
 from __future__ import annotations
@@ -123,6 +123,32 @@ def run_pose(args) -> int:
     return 0
 
 
+def add_convert_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert published ControlNeXt-SVD-v2 checkpoints to a diffusers-style folder",
+        description="Read the published controlnet.bin (and optionally unet.bin) safely (safetensors, or "
+                    "torch.load with weights_only) and write DIR/pose_encoder/ (and DIR/unet/) as safetensors.",
+    )
+    p.add_argument("--controlnet", required=True, help="controlnet.bin, a folder holding it, or a hub repo id")
+    p.add_argument("--unet", help="unet.bin (full UNet state dict), a folder holding it, or a hub repo id")
+    p.add_argument("--base", default=None, help="SVD base model (hub id or local folder) giving the UNet config "
+                                                "(default stabilityai/stable-video-diffusion-img2vid-xt-1-1)")
+    p.add_argument("--embedding-padding", type=int, choices=(0, 1), default=0,
+                   help="0: the published inference encoder (default); 1: the training code's variant")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args) -> int:
+    from svd_controlnext.weights import BASE_MODEL, convert
+
+    out = convert(args.controlnet, args.output, unet=args.unet, base=args.base or BASE_MODEL,
+                  embedding_padding=args.embedding_padding)
+    parts = "pose_encoder/" + (" and unet/" if args.unet else "")
+    print(f"{out}: wrote {parts} (safetensors)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Pose-driven character animation on Stable Video "
                                                             "Diffusion (ControlNeXt).")
@@ -130,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_pose_parser(subparsers)
+    add_convert_parser(subparsers)
     for sub in subparsers.choices.values():
         sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -3,7 +3,7 @@ import torch
 
 from svd_controlnext.cross_norm import cross_normalize
 from svd_controlnext.injection import ControlInjector, add_control, inject_control
-from svd_controlnext.tiny import tiny_pose_encoder, tiny_unet
+from svd_controlnext.tiny import tiny_components, tiny_pose_encoder, tiny_unet
 
 FRAMES = 3
 
@@ -107,3 +107,23 @@ def test_mismatched_rows_and_unknown_site(unet):
         add_control(torch.zeros(6, 4, 2, 2), torch.zeros(4, 4, 2, 2), 0.2)
     with pytest.raises(ValueError, match="unknown injection site"):
         ControlInjector(unet, site="conv_in")
+
+
+@torch.no_grad()
+def test_tiny_components_fit_together():
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+    from transformers import CLIPVisionModelWithProjection
+
+    parts = tiny_components()
+    assert isinstance(parts["unet"], UNetSpatioTemporalConditionModel)
+    assert isinstance(parts["vae"], AutoencoderKLTemporalDecoder)
+    assert isinstance(parts["image_encoder"], CLIPVisionModelWithProjection)
+    assert isinstance(parts["scheduler"], EulerDiscreteScheduler)
+    assert parts["scheduler"].config.prediction_type == "v_prediction"
+    # 128x128 pose frames -> 16x16 latents; the tiny encoder's features inject at down_blocks.0.
+    features = parts["pose_encoder"](torch.rand(1, FRAMES, 3, 128, 128), 0.5)
+    assert features.shape[1] == parts["unet"].config.block_out_channels[0]
+    unet = parts["unet"].eval()
+    plain = unet(**unet_inputs()).sample
+    with inject_control(unet, features):
+        assert unet(**unet_inputs()).sample.shape == plain.shape == (1, FRAMES, 4, 16, 16)
