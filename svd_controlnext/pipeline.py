@@ -1,0 +1,192 @@
+"""`ControlNeXtSVDPipeline`: Stable Video Diffusion driven by pose frames through a `PoseEncoder`.
+
+A sibling of diffusers' `StableVideoDiffusionPipeline`, whose helpers it reuses (image embedding,
+VAE conditioning latent, time ids, latents, decoding). What it adds to the denoising loop:
+- pose control: the encoder runs once per step and window on the conditional frames only, and its
+  features are added at the configured UNet site (see `injection.py`); `control_scale` really scales;
+- long videos: overlapping windows planned by `windows.py`, each stepped from the same sigma, fused
+  with position weights (or the published uniform mean), one noise tensor for the whole video.
+With no encoder (or `control_scale=0`) and a single window it computes exactly what the diffusers
+pipeline computes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import StableVideoDiffusionPipeline
+from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
+    StableVideoDiffusionPipelineOutput, _append_dims, retrieve_timesteps)
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from .encoder import PoseEncoder
+from .injection import ControlInjector
+from .windows import fusion_weights, plan_windows
+
+
+class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
+    model_cpu_offload_seq = "image_encoder->pose_encoder->unet->vae"
+    _optional_components = ["pose_encoder"]
+
+    def __init__(self, vae, image_encoder, unet, scheduler: EulerDiscreteScheduler, feature_extractor,
+                 pose_encoder: PoseEncoder | None = None):
+        super().__init__(vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler,
+                         feature_extractor=feature_extractor)
+        self.register_modules(pose_encoder=pose_encoder)
+        self._injector = None
+        self.control_calls = 0  # pose-encoder calls of the last run (one per step and window)
+
+    def _control_injector(self) -> ControlInjector | None:
+        if self.pose_encoder is None:
+            return None
+        config = self.pose_encoder.config
+        if self._injector is None or self._injector.site != config.injection_site:
+            if self._injector is not None:
+                self._injector.remove()
+            self._injector = ControlInjector(self.unet, config.injection_site, config.control_strength)
+        return self._injector
+
+    @staticmethod
+    def prepare_pose_frames(pose_frames, device, dtype) -> torch.Tensor:
+        """(F, H, W, 3) uint8 / (F, 3, H, W) or (1, F, 3, H, W) floats in [0, 1] -> (1, F, 3, H, W)."""
+        if isinstance(pose_frames, np.ndarray):
+            if pose_frames.dtype != np.uint8 or pose_frames.ndim != 4:
+                raise ValueError("numpy pose frames must be uint8 (F, H, W, 3)")
+            pose_frames = torch.from_numpy(pose_frames).permute(0, 3, 1, 2).float() / 255.0
+        if pose_frames.ndim == 4:
+            pose_frames = pose_frames.unsqueeze(0)
+        if pose_frames.ndim != 5 or pose_frames.shape[2] != 3:
+            raise ValueError(f"pose frames must be (F, 3, H, W) or (1, F, 3, H, W), got {tuple(pose_frames.shape)}")
+        return pose_frames.to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        pose_frames=None,
+        height: int = 576,
+        width: int = 1024,
+        num_frames: int | None = None,
+        num_inference_steps: int = 25,
+        sigmas: list[float] | None = None,
+        min_guidance_scale: float = 1.0,
+        max_guidance_scale: float = 3.0,
+        fps: int = 7,
+        motion_bucket_id: int = 127,
+        noise_aug_strength: float = 0.02,
+        control_scale: float = 1.0,
+        window_size: int | None = None,
+        window_overlap: int = 0,
+        fusion: str = "ramp",
+        reference_pose_in_every_window: bool = False,
+        decode_chunk_size: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        return_dict: bool = True,
+    ):
+        """`reference_pose_in_every_window` reproduces the published quirk: pose frame 0 (the reference's
+        pose) is fed at position 0 of every window, and those slots get no fusion weight."""
+        # 1. Check inputs
+        self.check_inputs(image, height, width)
+        device = self._execution_device
+        poses = None
+        if pose_frames is not None and self.pose_encoder is not None and control_scale != 0:
+            poses = self.prepare_pose_frames(pose_frames, device, self.pose_encoder.dtype)
+        if num_frames is None:
+            num_frames = poses.shape[1] if poses is not None else self.unet.config.num_frames
+        if poses is not None and poses.shape[1] != num_frames:
+            raise ValueError(f"got {poses.shape[1]} pose frames for {num_frames} video frames")
+        decode_chunk_size = decode_chunk_size or num_frames
+        self._guidance_scale = max_guidance_scale
+        batch_size = 1
+
+        # 2. Encode the reference image (CLIP embedding, noisy VAE latent) once for the whole video
+        image_embeddings = self._encode_image(image, device, 1, self.do_classifier_free_guidance)
+        image = self.video_processor.preprocess(image, height=height, width=width).to(device)
+        noise = randn_tensor(image.shape, generator=generator, device=device, dtype=image.dtype)
+        image = image + noise_aug_strength * noise
+        needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float32)
+        image_latents = self._encode_vae_image(image, device, 1, self.do_classifier_free_guidance)
+        image_latents = image_latents.to(image_embeddings.dtype)
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float16)
+        added_time_ids = self._get_add_time_ids(fps - 1, motion_bucket_id, noise_aug_strength,
+                                                image_embeddings.dtype, batch_size, 1,
+                                                self.do_classifier_free_guidance).to(device)
+
+        # 3. Timesteps and one noise tensor for the whole video
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, None, sigmas)
+        latents = self.prepare_latents(batch_size, num_frames, self.unet.config.in_channels, height, width,
+                                       image_embeddings.dtype, device, generator, latents)
+
+        # 4. Windows, their fusion weights and per-position guidance
+        windows = plan_windows(num_frames, window_size or num_frames, window_overlap)
+        length = windows[0][1] - windows[0][0]
+        weights = [torch.as_tensor(w, device=device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
+                   for w in fusion_weights(windows, num_frames, fusion, drop_first=reference_pose_in_every_window)]
+        guidance = torch.linspace(min_guidance_scale, max_guidance_scale, length, device=device, dtype=latents.dtype)
+        self._guidance_scale = _append_dims(guidance.unsqueeze(0), latents.ndim)
+        window_image_latents = image_latents.unsqueeze(1).repeat(1, length, 1, 1, 1)
+        injector = self._control_injector()
+        self.control_calls = 0
+
+        # 5. Denoising loop: every window steps from the same sigma, then the windows are fused
+        self._num_timesteps = len(timesteps)
+        try:
+            with self.progress_bar(total=len(timesteps) * len(windows)) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    fused = torch.zeros_like(latents)
+                    for (start, end), weight in zip(windows, weights):
+                        self.scheduler._step_index = i  # each window takes the same step
+                        if injector is not None:
+                            injector.set(self._window_control(poses, start, end, t, reference_pose_in_every_window),
+                                         control_scale)
+                        window = latents[:, start:end]
+                        model_input = torch.cat([window] * 2) if self.do_classifier_free_guidance else window
+                        model_input = self.scheduler.scale_model_input(model_input, t)
+                        model_input = torch.cat([model_input, window_image_latents], dim=2)
+                        noise_pred = self.unet(model_input, t, encoder_hidden_states=image_embeddings,
+                                               added_time_ids=added_time_ids, return_dict=False)[0]
+                        if self.do_classifier_free_guidance:
+                            uncond, cond = noise_pred.chunk(2)
+                            noise_pred = uncond + self.guidance_scale * (cond - uncond)
+                        fused[:, start:end] += weight * self.scheduler.step(noise_pred, t, window).prev_sample
+                        progress_bar.update()
+                    latents = fused.to(latents.dtype)
+                    if callback_on_step_end is not None:
+                        values = {"latents": latents, "image_latents": image_latents}
+                        outputs = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs})
+                        latents = outputs.pop("latents", latents)
+        finally:
+            if injector is not None:
+                injector.clear()
+
+        # 6. Decode
+        if output_type == "latent":
+            frames = latents
+        else:
+            if needs_upcasting:
+                self.vae.to(dtype=torch.float16)
+            frames = self.decode_latents(latents, num_frames, decode_chunk_size)
+            frames = self.video_processor.postprocess_video(video=frames, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return frames
+        return StableVideoDiffusionPipelineOutput(frames=frames)
+
+    def _window_control(self, poses, start, end, t, reference_first) -> torch.Tensor | None:
+        if poses is None:
+            return None
+        window = poses[:, start:end]
+        if reference_first and start > 0:
+            window = torch.cat([poses[:, :1], window[:, 1:]], dim=1)
+        self.control_calls += 1
+        return self.pose_encoder(window, t)

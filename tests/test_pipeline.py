@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import StableVideoDiffusionPipeline
+
+from svd_controlnext.pipeline import ControlNeXtSVDPipeline
+from svd_controlnext.tiny import tiny_components
+
+FRAMES, SIZE, STEPS = 4, 32, 3
+
+
+@pytest.fixture(scope="module")
+def components():
+    parts = tiny_components()
+    for name in ("unet", "vae"):
+        parts[name].set_default_attn_processor()
+    for name in ("unet", "vae", "image_encoder", "pose_encoder"):
+        parts[name].eval()
+    return parts
+
+
+def reference_image():
+    return torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+
+
+def call_kwargs(**overrides):
+    kwargs = dict(height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=STEPS, min_guidance_scale=1.0,
+                  max_guidance_scale=2.5, output_type="pt", generator=torch.Generator().manual_seed(0))
+    kwargs.update(overrides)
+    return kwargs
+
+
+def pose_frames(frames=FRAMES, size=SIZE * 4, seed=7):
+    return torch.rand(frames, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_without_control_equals_diffusers_svd(components):
+    parts = {k: v for k, v in components.items() if k != "pose_encoder"}
+    expected = StableVideoDiffusionPipeline(**parts)(reference_image(), **call_kwargs()).frames
+    ours = ControlNeXtSVDPipeline(**parts)(reference_image(), **call_kwargs()).frames
+    assert ours.shape == expected.shape == (1, FRAMES, 3, SIZE, SIZE)
+    assert (ours - expected).abs().max() <= 1e-5
+    # An encoder at scale 0 is the same as none.
+    zero = ControlNeXtSVDPipeline(**components)(reference_image(), pose_frames(), control_scale=0.0,
+                                                **call_kwargs()).frames
+    assert (zero - expected).abs().max() <= 1e-5
+
+
+def test_control_scale_really_scales_and_encoder_runs_once_per_step(components):
+    pipe = ControlNeXtSVDPipeline(**components)
+    plain = pipe(reference_image(), **call_kwargs(output_type="latent")).frames
+    weak = pipe(reference_image(), pose_frames(), control_scale=0.5, **call_kwargs(output_type="latent")).frames
+    assert pipe.control_calls == STEPS  # one window: once per step, on the conditional frames only
+    strong = pipe(reference_image(), pose_frames(), control_scale=2.0, **call_kwargs(output_type="latent")).frames
+    assert not torch.allclose(weak, plain) and not torch.allclose(weak, strong)
+    assert (strong - plain).abs().mean() > (weak - plain).abs().mean()
+    assert not pipe._injector.active  # nothing left attached between runs
+
+
+def test_windows_cover_a_longer_video(components):
+    pipe = ControlNeXtSVDPipeline(**components)
+    frames = pipe(reference_image(), pose_frames(7), window_size=4, window_overlap=2,
+                  **call_kwargs(num_frames=7, output_type="np")).frames
+    assert frames.shape == (1, 7, SIZE, SIZE, 3) and np.isfinite(frames).all()
+    assert pipe.control_calls == STEPS * 3  # windows (0,4) (2,6) (3,7)
+    published = pipe(reference_image(), pose_frames(7), window_size=4, window_overlap=2, fusion="uniform",
+                     reference_pose_in_every_window=True, **call_kwargs(num_frames=7, output_type="np")).frames
+    assert published.shape == frames.shape and not np.allclose(published, frames)
+
+
+def test_mismatched_pose_count(components):
+    with pytest.raises(ValueError, match="got 3 pose frames for 4 video frames"):
+        ControlNeXtSVDPipeline(**components)(reference_image(), pose_frames(3), **call_kwargs())
+
+
+def test_save_and_load_pretrained(components, tmp_path):
+    pipe = ControlNeXtSVDPipeline(**components)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = ControlNeXtSVDPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(loaded.pose_encoder).__name__ == "PoseEncoder"
+    assert (tmp_path / "pipe" / "pose_encoder" / "diffusion_pytorch_model.safetensors").is_file()
