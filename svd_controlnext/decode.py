@@ -1,0 +1,43 @@
+"""Chunked temporal-VAE decoding that streams frames out as they are decoded.
+
+Only one chunk of decoded frames exists at a time, so peak memory depends on the chunk size, not on
+the video's length. The chunks are what diffusers' `decode_latents` decodes (each chunk an
+independent clip for the temporal decoder), so the pixels equal the pipeline's for the same chunk size.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+def iter_decoded_frames(vae, latents: torch.Tensor, chunk_size: int = 8, progress: bool = False) -> Iterator[np.ndarray]:
+    """Latents (1, F, 4, h, w) or (F, 4, h, w), as the pipeline returns them with `output_type="latent"`,
+    -> RGB uint8 frames (H, W, 3), one at a time."""
+    if chunk_size < 1:
+        raise ValueError(f"decode chunk size must be at least 1, got {chunk_size}")
+    latents = latents.flatten(0, 1) if latents.ndim == 5 else latents
+    takes_num_frames = "num_frames" in inspect.signature(vae.forward).parameters
+    scale = 1 / vae.config.scaling_factor
+    for start in tqdm(range(0, len(latents), chunk_size), desc="decode", unit="chunk", disable=not progress,
+                      leave=False):
+        chunk = latents[start:start + chunk_size].to(device=vae.device, dtype=vae.dtype) * scale
+        extra = {"num_frames": len(chunk)} if takes_num_frames else {}
+        with torch.no_grad():
+            pixels = vae.decode(chunk, **extra).sample.float()
+        frames = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        del pixels
+        yield from frames
+
+
+def decode_to_writer(vae, latents: torch.Tensor, writer, chunk_size: int = 8, progress: bool = False) -> int:
+    """Decode straight into a `VideoWriter`-like object (anything with `.write(frame)`); returns the count."""
+    count = 0
+    for frame in iter_decoded_frames(vae, latents, chunk_size, progress):
+        writer.write(frame)
+        count += 1
+    return count
