@@ -79,3 +79,13 @@ def test_save_and_load_pretrained(components, tmp_path):
     loaded = ControlNeXtSVDPipeline.from_pretrained(tmp_path / "pipe")
     assert type(loaded.pose_encoder).__name__ == "PoseEncoder"
     assert (tmp_path / "pipe" / "pose_encoder" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_plain_svd_folder_plus_a_pose_encoder(components, tmp_path):
+    """How users load it: the SVD base model's folder, with our encoder passed in."""
+    parts = {k: v for k, v in components.items() if k != "pose_encoder"}
+    StableVideoDiffusionPipeline(**parts).save_pretrained(tmp_path / "svd")
+    pipe = ControlNeXtSVDPipeline.from_pretrained(tmp_path / "svd", pose_encoder=components["pose_encoder"])
+    assert pipe.pose_encoder is components["pose_encoder"]
+    latents = pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent")).frames
+    assert latents.shape == (1, FRAMES, 4, SIZE // 2, SIZE // 2) and pipe.control_calls == STEPS
