@@ -145,6 +145,11 @@ def test_dwpose_without_weights_offline_is_a_clear_error(monkeypatch):
         load_detector("dwpose")
 
 
+def test_missing_dwpose_folder(tmp_path):
+    with pytest.raises(InputError, match="DWPose folder does not exist"):
+        load_detector("auto", dwpose_dir=tmp_path / "nowhere")
+
+
 def test_unknown_detector_and_bad_model_file(tmp_path):
     with pytest.raises(InputError, match="unknown detector"):
         load_detector("openpose")

@@ -185,7 +185,12 @@ def find_weights(source: str | os.PathLike | None = None, download: bool = False
         det, pose = folder / DETECTOR_FILE, folder / POSE_FILE
         if det.is_file() and pose.is_file():
             return det, pose
-    repo = str(source) if source and not Path(source).exists() and "/" in str(source) else HUB_REPO
+    repo = HUB_REPO
+    if source and not Path(source).exists():
+        text = str(source)
+        if text.startswith(("/", ".", "~")) or text.count("/") != 1:
+            raise InputError(f"{source}: DWPose folder does not exist")
+        repo = text  # a hub repo id holding the two files
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     cache_dir = os.environ.get("HF_HUB_CACHE")  # read now, not at import, so it can be redirected
