@@ -25,9 +25,11 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	@test -f "$(DEMO_VIDEO)" || { echo "demo: driving clip $(DEMO_VIDEO) not found; run 'make demo DEMO_VIDEO=your.mp4 DEMO_REF=your.png'"; exit 2; }
 	mkdir -p $(DEMO_OUT)
+	@echo "demo: the main job on the TINY preset: random weights, so the result is noise, not an animation"
+	$(BIN)/svd-animate --ref "$(DEMO_REF)" --pose "$(DEMO_VIDEO)" --preset tiny --side-by-side -o $(DEMO_OUT)/animation_tiny.mp4
 	$(BIN)/svd-animate pose --video "$(DEMO_VIDEO)" --ref "$(DEMO_REF)" --max-frames 48 --stride 2 \
 		-o $(DEMO_OUT)/poses.npz --preview $(DEMO_OUT)/pose_preview.mp4
-	@echo "demo: wrote $(DEMO_OUT)/poses.npz and $(DEMO_OUT)/pose_preview.mp4 (source | aligned skeleton)"
+	@echo "demo: wrote $(DEMO_OUT)/animation_tiny.mp4 (skeleton | tiny-model output), $(DEMO_OUT)/poses.npz and $(DEMO_OUT)/pose_preview.mp4 (source | aligned skeleton | on the reference)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

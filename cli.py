@@ -1,7 +1,7 @@
 """The `svd-animate` command.
 
-Sub-commands: `pose` (driving video -> aligned skeletons), `convert` (published checkpoints ->
-diffusers-style folder). The animation, batch and training commands arrive with the pipeline.
+Sub-commands: `animate` (the default: `svd-animate --ref img.png --pose dance.mp4`), `pose` (driving
+video -> aligned skeletons), `convert` (published checkpoints -> diffusers-style folder).
 """
 
 from __future__ import annotations
@@ -123,6 +123,67 @@ def run_pose(args) -> int:
     return 0
 
 
+def add_animate_parser(subparsers) -> None:
+    from pose.align import ALIGN_METHODS
+    from pose.detect import DETECTORS
+    from svd_controlnext.windows import FUSION_MODES
+
+    p = subparsers.add_parser(
+        "animate", help="animate a reference image with a driving video (the default command)",
+        description="Animate the character in --ref with the motion of --pose (a driving video or a poses .npz "
+                    "from `svd-animate pose`). Preset values are defaults; flags override them.",
+    )
+    p.add_argument("--ref", required=True, type=Path, help="reference image of the character")
+    p.add_argument("--pose", required=True, type=Path, help="driving video, or a PoseSequence .npz")
+    p.add_argument("-o", "--output", type=Path, help="output .mp4 (default: <pose>_<ref>.mp4 here)")
+    p.add_argument("--preset", default="controlnext-svd-v2",
+                   help="controlnext-svd-v2 (default), tiny (random weights, runs anywhere), or a YAML file")
+    p.add_argument("--weights", type=Path, help="folder from `svd-animate convert` or training (pose_encoder/, unet/)")
+    p.add_argument("--steps", type=_positive_int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--width", type=_positive_int)
+    p.add_argument("--height", type=_positive_int)
+    p.add_argument("--stride", type=_positive_int, help="use every N-th driving frame")
+    p.add_argument("--max-frames", type=_positive_int)
+    p.add_argument("--guidance", type=float, help="classifier-free guidance (min and max)")
+    p.add_argument("--control-scale", type=float, help="strength of the pose control (1 = as trained)")
+    p.add_argument("--window", type=_positive_int, help="frames per window")
+    p.add_argument("--overlap", type=int, help="frames shared by neighbouring windows")
+    p.add_argument("--fusion", choices=FUSION_MODES, help="how overlapping windows are blended")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--side-by-side", action="store_true", help="write skeleton | result")
+    p.add_argument("--detector", choices=DETECTORS)
+    p.add_argument("--align", choices=[*ALIGN_METHODS, "none"])
+    p.add_argument("--dwpose-dir", type=Path)
+    p.add_argument("--cache-dir", type=Path)
+    p.add_argument("--no-cache", action="store_true")
+    p.set_defaults(run=run_animate)
+
+
+def run_animate(args) -> int:
+    import torch
+
+    from pose.cache import PoseCache
+    from svd_controlnext.animate import animate
+    from svd_controlnext.config import load_preset
+
+    config = load_preset(args.preset).replace(
+        steps=args.steps, seed=args.seed, width=args.width, height=args.height, stride=args.stride,
+        max_frames=args.max_frames, min_guidance=args.guidance, max_guidance=args.guidance,
+        control_scale=args.control_scale, window=args.window, overlap=args.overlap, fusion=args.fusion,
+        dtype=args.dtype, detector=args.detector, align=args.align)
+    output = args.output or Path(f"{args.pose.stem}_{args.ref.stem}.mp4")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = None if args.no_cache else PoseCache(args.cache_dir)
+    result = animate(args.ref, args.pose, output, config, weights=args.weights, device=device,
+                     side_by_side=args.side_by_side, cache=cache, dwpose_dir=args.dwpose_dir,
+                     progress=not args.quiet)
+    label = " (tiny preset: RANDOM WEIGHTS, the pixels are noise, not an animation)" if result.random_weights else ""
+    print(f"{result.output}: {result.frames} frames at {result.fps:g} fps{label}")
+    return 0
+
+
 def add_convert_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "convert", help="convert published ControlNeXt-SVD-v2 checkpoints to a diffusers-style folder",
@@ -155,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_animate_parser(subparsers)
     add_pose_parser(subparsers)
     add_convert_parser(subparsers)
     for sub in subparsers.choices.values():
@@ -163,8 +225,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def with_default_command(argv: list[str], commands) -> list[str]:
+    """`svd-animate --ref a.png --pose b.mp4` means `svd-animate animate ...`."""
+    for index, arg in enumerate(argv):
+        if arg in ("-q", "--quiet", "-v", "--verbose"):
+            continue
+        if arg not in commands and arg not in ("-h", "--help"):
+            return [*argv[:index], "animate", *argv[index:]]
+        break
+    return argv
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    args = parser.parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv), commands))
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
     warnings.filterwarnings("ignore", module="google.protobuf")

@@ -49,6 +49,14 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
             self._injector = ControlInjector(self.unet, config.injection_site, config.control_strength)
         return self._injector
 
+    def _encode_image(self, image, device, num_videos_per_prompt, do_classifier_free_guidance):
+        """diffusers resizes PIL images to 224 for CLIP; an encoder of another size (the tiny one) gets its own."""
+        size = self.image_encoder.config.image_size
+        if size != 224 and not isinstance(image, torch.Tensor):
+            image = self.video_processor.numpy_to_pt(self.video_processor.pil_to_numpy(image))
+            image = torch.nn.functional.interpolate(image, (size, size), mode="bicubic", antialias=True).clamp(0, 1)
+        return super()._encode_image(image, device, num_videos_per_prompt, do_classifier_free_guidance)
+
     @staticmethod
     def prepare_pose_frames(pose_frames, device, dtype) -> torch.Tensor:
         """(F, H, W, 3) uint8 / (F, 3, H, W) or (1, F, 3, H, W) floats in [0, 1] -> (1, F, 3, H, W)."""

@@ -1,0 +1,168 @@
+"""The main job: reference image + driving video (or PoseSequence) -> animated mp4.
+
+Steps: poses (cache, alignment) -> reference resized to cover H x W and centre-cropped (as published),
+poses mapped through the same crop -> skeleton frames -> pipeline (latents) -> streamed chunked decoding
+into the writer. The output keeps the driving clip's timing (source fps / stride).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pose.align import align, apply_linear
+from pose.cache import PoseCache
+from pose.detect import load_detector
+from pose.errors import InputError
+from pose.extract import ExtractSettings, detect_reference, extract_video
+from pose.render import render_sequence
+from pose.skeleton import PoseSequence
+from pose.video import VideoWriter, check_writable, is_image_path, read_image
+
+from .config import TINY, AnimateConfig
+from .decode import iter_decoded_frames
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class AnimateResult:
+    output: Path
+    frames: int
+    fps: float
+    random_weights: bool
+
+
+def cover_crop(width: int, height: int, target_w: int, target_h: int) -> tuple[float, int, int]:
+    """Scale and top-left offset that make a `width` x `height` image cover the target, centred."""
+    scale = max(target_w / width, target_h / height)
+    return scale, (round(width * scale) - target_w) // 2, (round(height * scale) - target_h) // 2
+
+
+def crop_reference(image: np.ndarray, target_w: int, target_h: int) -> np.ndarray:
+    scale, left, top = cover_crop(image.shape[1], image.shape[0], target_w, target_h)
+    size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
+    return resized[top:top + target_h, left:left + target_w]
+
+
+def crop_poses(seq: PoseSequence, target_w: int, target_h: int) -> PoseSequence:
+    """Poses normalised to the uncropped frame -> normalised to the cover-cropped target frame."""
+    scale, left, top = cover_crop(seq.width, seq.height, target_w, target_h)
+    a = (seq.width * scale / target_w, seq.height * scale / target_h)
+    b = (-left / target_w, -top / target_h)
+    return apply_linear(seq, a, b, target_w, target_h)
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in dtypes:
+        raise InputError(f"unknown dtype {name!r}; choose auto, fp32, fp16 or bf16")
+    return dtypes[name]
+
+
+def load_pipeline(config: AnimateConfig, weights: Path | None, device: str, dtype: torch.dtype):
+    """The pipeline for a preset: tiny random components, or the base model plus control weights."""
+    from .pipeline import ControlNeXtSVDPipeline
+
+    if config.base_model == TINY:
+        from .tiny import tiny_components
+
+        components = tiny_components(config.seed)
+        pipe = ControlNeXtSVDPipeline(**components)
+    else:
+        from .weights import load_pose_encoder
+
+        source = weights or config.control_weights
+        if source is None:
+            raise InputError("no control weights: pass --weights DIR or use a preset that names them")
+        try:
+            encoder = load_pose_encoder(source)
+        except InputError as e:
+            raise InputError(f"{e}; without weights, try --preset tiny") from None
+        extra = {}
+        unet_dir = (weights / "unet") if weights is not None and (weights / "unet").is_dir() else None
+        try:
+            if unet_dir is not None:
+                from diffusers import UNetSpatioTemporalConditionModel
+
+                extra["unet"] = UNetSpatioTemporalConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
+            pipe = ControlNeXtSVDPipeline.from_pretrained(config.base_model, pose_encoder=encoder,
+                                                          torch_dtype=dtype, **extra)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot load the base model {config.base_model} ({type(e).__name__}); "
+                             "no weights are reachable here: try --preset tiny") from None
+    pipe.to(device)
+    if config.base_model == TINY and dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    return pipe
+
+
+def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, cache: PoseCache | None,
+                  dwpose_dir=None, progress: bool = True) -> tuple[PoseSequence, np.ndarray]:
+    """Driving poses in the reference's frame, and the reference image."""
+    if pose_input.suffix.lower() == ".npz":
+        poses = PoseSequence.load(pose_input)
+        image = read_image(reference)
+        if poses.meta.get("align", {}).get("method") in (None, "none"):
+            logger.info("%s: poses are not aligned to a reference; used as they are", pose_input)
+        if config.max_frames:
+            poses = poses.select(slice(0, config.max_frames))
+        return poses, image
+    if is_image_path(pose_input):
+        raise InputError(f"{pose_input}: is an image; --pose takes a driving video or a poses .npz")
+    settings = ExtractSettings(stride=config.stride, max_frames=config.max_frames)
+    with load_detector(config.detector, dwpose_dir=dwpose_dir) as detector:
+        if config.align != "none":
+            ref_pose, image = detect_reference(reference, detector)
+        else:
+            ref_pose, image = None, read_image(reference)
+        poses = extract_video(pose_input, detector, settings, cache, progress=progress).poses
+    if ref_pose is not None:
+        poses = align(poses, ref_pose, config.align)
+    else:
+        poses = poses.replace(width=image.shape[1], height=image.shape[0])
+    return poses, image
+
+
+def animate(reference, pose_input, output, config: AnimateConfig, weights=None, device: str = "cpu",
+            side_by_side: bool = False, cache: PoseCache | None = None, dwpose_dir=None,
+            progress: bool = True) -> AnimateResult:
+    reference, pose_input, output = Path(reference), Path(pose_input), Path(output)
+    check_writable(output)
+    for path in (reference, pose_input):
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+    width, height = config.width, config.height
+    if width % 64 or height % 64:
+        raise InputError(f"--width/--height must be multiples of 64 (the UNet's latent grid), got {width}x{height}")
+    dtype = resolve_dtype(config.dtype, device)
+
+    poses, image = prepare_poses(pose_input, reference, config, cache, dwpose_dir, progress)
+    reference_image = crop_reference(image, width, height)
+    poses = crop_poses(poses, width, height)
+    pose_frames = np.stack(list(render_sequence(poses, height, width)))
+
+    pipe = load_pipeline(config, Path(weights) if weights else None, device, dtype)
+    pipe.set_progress_bar_config(desc="sampling (steps x windows)", leave=False, disable=not progress)
+    generator = torch.Generator(device="cpu").manual_seed(config.seed)
+    latents = pipe(
+        Image.fromarray(reference_image), pose_frames, height=height, width=width, num_frames=len(pose_frames),
+        num_inference_steps=config.steps, min_guidance_scale=config.min_guidance, max_guidance_scale=config.max_guidance,
+        fps=config.fps_id, motion_bucket_id=config.motion_bucket_id, noise_aug_strength=config.noise_aug_strength,
+        control_scale=config.control_scale, window_size=config.window, window_overlap=config.overlap,
+        fusion=config.fusion, reference_pose_in_every_window=config.reference_pose_in_every_window,
+        generator=generator, output_type="latent",
+    ).frames
+    fps = poses.fps
+    with VideoWriter(output, fps=fps) as writer:
+        for index, frame in enumerate(iter_decoded_frames(pipe.vae, latents, config.decode_chunk_size, progress)):
+            writer.write(np.concatenate([pose_frames[index], frame], axis=1) if side_by_side else frame)
+    return AnimateResult(output, len(pose_frames), fps, config.base_model == TINY)

@@ -1,0 +1,79 @@
+"""Inference presets: one dataclass holds every default; YAML presets and CLI flags override it."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+
+import yaml
+
+from pose.errors import InputError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+TINY = "tiny"
+
+
+@dataclasses.dataclass
+class AnimateConfig:
+    base_model: str = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"  # hub id, local folder, or "tiny"
+    control_weights: str | None = "Pbihao/ControlNeXt"  # folder from `convert`, a controlnet.bin, or a hub repo
+    unet_weights: str | None = None  # unet.bin or a folder holding unet/
+    width: int = 576
+    height: int = 1024
+    steps: int = 25
+    min_guidance: float = 3.0
+    max_guidance: float = 3.0
+    control_scale: float = 1.0
+    window: int = 24
+    overlap: int = 6
+    fusion: str = "ramp"
+    reference_pose_in_every_window: bool = False
+    stride: int = 2
+    max_frames: int | None = None
+    fps_id: int = 7  # SVD's fps conditioning (the model sees fps_id - 1)
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02
+    decode_chunk_size: int = 8
+    seed: int = 42
+    dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    detector: str = "auto"
+    align: str = "ls"
+
+    def replace(self, **changes) -> "AnimateConfig":
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes)
+
+
+def _check_type(name: str, value, annotation: str):
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}
+    allowed = [part.strip() for part in annotation.split("|")]
+    if value is None and "None" in allowed:
+        return
+    for part in allowed:
+        kind = expected.get(part)
+        if kind is not None and isinstance(value, kind) and not (part in ("int", "float") and isinstance(value, bool)):
+            return
+    raise InputError(f"preset key {name!r} must be {annotation}, got {value!r}")
+
+
+def load_preset(name_or_path: str) -> AnimateConfig:
+    """`tiny`, `controlnext-svd-v2`, or a YAML file; unknown keys and wrong types are refused by name."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise InputError(f"{name_or_path}: no such preset (built in: {known})")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: a preset must be a mapping of keys to values")
+    fields = {f.name: f.type for f in dataclasses.fields(AnimateConfig)}
+    for key, value in values.items():
+        if key not in fields:
+            raise InputError(f"{path}: unknown preset key {key!r}")
+        _check_type(key, value, fields[key] if isinstance(fields[key], str) else typing.get_type_hints(AnimateConfig)[key])
+    return AnimateConfig(**values)
