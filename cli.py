@@ -33,9 +33,23 @@ def _seconds(text: str) -> float:
     return value
 
 
-def add_pose_parser(subparsers) -> None:
+def add_pose_source_options(p, align_default: str) -> None:
+    """Options shared by every command that extracts poses: backend, alignment, cache."""
     from pose.align import ALIGN_METHODS
     from pose.detect import DETECTORS
+
+    p.add_argument("--detector", choices=DETECTORS,
+                   help="pose backend (default: auto = DWPose if its weights are available here, else MediaPipe)")
+    p.add_argument("--dwpose-dir", type=Path, help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx")
+    p.add_argument("--align", choices=[*ALIGN_METHODS, "none"],
+                   help="ls: the published least-squares fit; bones: ls plus the reference's limb lengths; "
+                        f"none: keep the driving positions (default: {align_default})")
+    p.add_argument("--cache-dir", type=Path, help="pose cache folder (default: $SVD_ANIMATE_CACHE or "
+                                                  "~/.cache/svd-animate/poses)")
+    p.add_argument("--no-cache", action="store_true", help="extract again even when the cache has these poses")
+
+
+def add_pose_parser(subparsers) -> None:
     from pose.extract import FILL_MODES, ExtractSettings
 
     defaults = ExtractSettings()
@@ -48,12 +62,7 @@ def add_pose_parser(subparsers) -> None:
     )
     p.add_argument("--video", required=True, type=Path, help="driving video (mp4, mov, webm, ...)")
     p.add_argument("--ref", type=Path, help="reference image to align the poses to")
-    p.add_argument("--detector", choices=DETECTORS, default="auto",
-                   help="pose backend (default: auto = DWPose if its weights are available here, else MediaPipe)")
-    p.add_argument("--dwpose-dir", type=Path, help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx")
-    p.add_argument("--align", choices=[*ALIGN_METHODS, "none"], default=None,
-                   help="ls: the published least-squares fit; bones: ls plus the reference's limb lengths; "
-                        "none: keep the driving positions (default: ls with --ref, none without)")
+    add_pose_source_options(p, align_default="ls with --ref, none without")
     p.add_argument("--stride", type=_positive_int, default=defaults.stride,
                    help=f"keep every N-th frame (default {defaults.stride})")
     p.add_argument("--max-frames", type=_positive_int, default=defaults.max_frames, help="stop after N kept frames")
@@ -62,9 +71,6 @@ def add_pose_parser(subparsers) -> None:
     p.add_argument("--fill", choices=FILL_MODES, default=defaults.fill,
                    help=f"frames with nobody found: interpolate between neighbours or hold the last pose "
                         f"(default {defaults.fill})")
-    p.add_argument("--cache-dir", type=Path, help="pose cache folder (default: $SVD_ANIMATE_CACHE or "
-                                                  "~/.cache/svd-animate/poses)")
-    p.add_argument("--no-cache", action="store_true", help="extract again even when the cache has these poses")
     p.add_argument("-o", "--output", required=True, type=Path, help="output .npz")
     p.add_argument("--preview", type=Path, help="also write a preview video: source | skeleton (| on the reference)")
     p.set_defaults(run=run_pose)
@@ -94,7 +100,7 @@ def run_pose(args) -> int:
 
     settings = ExtractSettings(args.stride, args.max_frames, args.start, args.end, args.fill)
     cache = None if args.no_cache else PoseCache(args.cache_dir)
-    with load_detector(args.detector, dwpose_dir=args.dwpose_dir) as detector:
+    with load_detector(args.detector or "auto", dwpose_dir=args.dwpose_dir) as detector:
         reference_image = None
         reference = None
         if args.ref is not None and method != "none":
@@ -115,7 +121,7 @@ def run_pose(args) -> int:
     if args.preview:
         write_preview(args.preview, args.video, poses, settings, reference_image, progress=not args.quiet)
 
-    source = "cache" if result.from_cache else poses.meta.get("detector", args.detector)
+    source = "cache" if result.from_cache else poses.meta.get("detector")
     filled = f", {poses.num_filled} filled (no person found)" if poses.num_filled else ""
     print(f"{args.output}: {len(poses)} frames at {poses.fps:g} fps from {source}{filled}, align {method}")
     if args.preview:
@@ -124,8 +130,6 @@ def run_pose(args) -> int:
 
 
 def add_animate_parser(subparsers) -> None:
-    from pose.align import ALIGN_METHODS
-    from pose.detect import DETECTORS
     from svd_controlnext.windows import FUSION_MODES
 
     p = subparsers.add_parser(
@@ -153,11 +157,7 @@ def add_animate_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"))
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--side-by-side", action="store_true", help="write skeleton | result")
-    p.add_argument("--detector", choices=DETECTORS)
-    p.add_argument("--align", choices=[*ALIGN_METHODS, "none"])
-    p.add_argument("--dwpose-dir", type=Path)
-    p.add_argument("--cache-dir", type=Path)
-    p.add_argument("--no-cache", action="store_true")
+    add_pose_source_options(p, align_default="the preset's, ls")
     p.set_defaults(run=run_animate)
 
 
