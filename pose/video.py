@@ -61,6 +61,10 @@ def _reason(error: Exception) -> str:
     return getattr(error, "strerror", None) or str(error)
 
 
+def _stream_fps(stream) -> float:
+    return float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+
+
 def _rotation_turns(frame: av.VideoFrame) -> int:
     """Quarter turns counter-clockwise that make the frame upright (0..3)."""
     return int(round(frame.rotation / 90.0)) % 4
@@ -70,7 +74,7 @@ def probe_video(path) -> VideoInfo:
     """Size, fps, frame count and rotation, reading at most the first frame."""
     with _open(path) as container:
         stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        fps = _stream_fps(stream)
         duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
         if duration is None and container.duration:
             duration = container.duration / av.time_base
@@ -109,7 +113,7 @@ def iter_frames(
         stream.thread_type = "AUTO"
         if start > 0 and stream.time_base:
             container.seek(int(start / stream.time_base), stream=stream, backward=True, any_frame=False)
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        fps = _stream_fps(stream)
         seeked = start > 0
         index = -1
         kept = 0

@@ -58,17 +58,21 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         return super()._encode_image(image, device, num_videos_per_prompt, do_classifier_free_guidance)
 
     @staticmethod
-    def prepare_pose_frames(pose_frames, device, dtype) -> torch.Tensor:
-        """(F, H, W, 3) uint8 / (F, 3, H, W) or (1, F, 3, H, W) floats in [0, 1] -> (1, F, 3, H, W)."""
+    def prepare_pose_frames(pose_frames) -> torch.Tensor:
+        """(F, H, W, 3) uint8 / (F, 3, H, W) or (1, F, 3, H, W) floats in [0, 1] -> (1, F, 3, H, W).
+
+        uint8 frames stay uint8 on the CPU; each window is converted when it is encoded, so a long
+        video never holds all its pose frames as floats on the device.
+        """
         if isinstance(pose_frames, np.ndarray):
             if pose_frames.dtype != np.uint8 or pose_frames.ndim != 4:
                 raise ValueError("numpy pose frames must be uint8 (F, H, W, 3)")
-            pose_frames = torch.from_numpy(pose_frames).permute(0, 3, 1, 2).float() / 255.0
+            pose_frames = torch.from_numpy(pose_frames).permute(0, 3, 1, 2)
         if pose_frames.ndim == 4:
             pose_frames = pose_frames.unsqueeze(0)
         if pose_frames.ndim != 5 or pose_frames.shape[2] != 3:
             raise ValueError(f"pose frames must be (F, 3, H, W) or (1, F, 3, H, W), got {tuple(pose_frames.shape)}")
-        return pose_frames.to(device=device, dtype=dtype)
+        return pose_frames
 
     @torch.no_grad()
     def __call__(
@@ -105,7 +109,7 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         device = self._execution_device
         poses = None
         if pose_frames is not None and self.pose_encoder is not None and control_scale != 0:
-            poses = self.prepare_pose_frames(pose_frames, device, self.pose_encoder.dtype)
+            poses = self.prepare_pose_frames(pose_frames)
         if num_frames is None:
             num_frames = poses.shape[1] if poses is not None else self.unet.config.num_frames
         if poses is not None and poses.shape[1] != num_frames:
@@ -196,5 +200,7 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         window = poses[:, start:end]
         if reference_first and start > 0:
             window = torch.cat([poses[:, :1], window[:, 1:]], dim=1)
+        window = window.to(device=self._execution_device)
+        window = window.float() / 255.0 if window.dtype == torch.uint8 else window
         self.control_calls += 1
-        return self.pose_encoder(window, t)
+        return self.pose_encoder(window.to(self.pose_encoder.dtype), t)

@@ -33,14 +33,11 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError):
-        pass
-    except Exception:  # noqa: BLE001 - any parse failure means "not safetensors"; try the pickle path
+    except Exception:  # noqa: BLE001 - any failure to parse means "not safetensors": try the pickle path
         pass
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -89,3 +89,13 @@ def test_plain_svd_folder_plus_a_pose_encoder(components, tmp_path):
     assert pipe.pose_encoder is components["pose_encoder"]
     latents = pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent")).frames
     assert latents.shape == (1, FRAMES, 4, SIZE // 2, SIZE // 2) and pipe.control_calls == STEPS
+
+
+def test_uint8_frames_equal_float_frames(components):
+    """uint8 (F, H, W, 3) frames are converted per window; the result equals passing floats in [0, 1]."""
+    frames = (pose_frames() * 255).round().to(torch.uint8)  # (F, 3, H, W)
+    as_numpy = frames.permute(0, 2, 3, 1).numpy()
+    pipe = ControlNeXtSVDPipeline(**components)
+    from_uint8 = pipe(reference_image(), as_numpy, **call_kwargs(output_type="latent")).frames
+    from_float = pipe(reference_image(), frames.float() / 255.0, **call_kwargs(output_type="latent")).frames
+    torch.testing.assert_close(from_uint8, from_float, rtol=0, atol=0)
