@@ -130,6 +130,7 @@ def run_pose(args) -> int:
 
 
 def add_animate_parser(subparsers) -> None:
+    from svd_controlnext.config import OFFLOAD_MODES
     from svd_controlnext.windows import FUSION_MODES
 
     p = subparsers.add_parser(
@@ -154,8 +155,18 @@ def add_animate_parser(subparsers) -> None:
     p.add_argument("--window", type=_positive_int, help="frames per window")
     p.add_argument("--overlap", type=int, help="frames shared by neighbouring windows")
     p.add_argument("--fusion", choices=FUSION_MODES, help="how overlapping windows are blended")
-    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"))
+    p.add_argument("--published-sampling", action="store_true",
+                   help="the published pipeline's layout: reference pose as frame 0 and at position 0 of every "
+                        "window, uniform window mean (default: driving poses only, position-weighted fusion)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="auto (default): fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--offload", choices=OFFLOAD_MODES,
+                   help="keep models in CPU memory: model (each model moves to the GPU while it runs) or "
+                        "sequential (each layer; slowest, least memory)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet (slow first step)")
+    p.add_argument("--no-audio", dest="audio", action="store_false", default=None,
+                   help="do not copy the driving clip's audio track")
     p.add_argument("--side-by-side", action="store_true", help="write skeleton | result")
     add_pose_source_options(p, align_default="the preset's, ls")
     p.set_defaults(run=run_animate)
@@ -172,7 +183,10 @@ def run_animate(args) -> int:
         steps=args.steps, seed=args.seed, width=args.width, height=args.height, stride=args.stride,
         max_frames=args.max_frames, min_guidance=args.guidance, max_guidance=args.guidance,
         control_scale=args.control_scale, window=args.window, overlap=args.overlap, fusion=args.fusion,
-        dtype=args.dtype, detector=args.detector, align=args.align)
+        dtype=args.dtype, detector=args.detector, align=args.align, offload=args.offload, compile=args.compile,
+        audio=args.audio)
+    if args.published_sampling:
+        config = config.replace(fusion="uniform", prepend_reference_pose=True, reference_pose_in_every_window=True)
     output = args.output or Path(f"{args.pose.stem}_{args.ref.stem}.mp4")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = None if args.no_cache else PoseCache(args.cache_dir)
@@ -180,7 +194,8 @@ def run_animate(args) -> int:
                      side_by_side=args.side_by_side, cache=cache, dwpose_dir=args.dwpose_dir,
                      progress=not args.quiet)
     label = " (tiny preset: RANDOM WEIGHTS, the pixels are noise, not an animation)" if result.random_weights else ""
-    print(f"{result.output}: {result.frames} frames at {result.fps:g} fps{label}")
+    audio = ", with the driving clip's audio" if result.audio else ""
+    print(f"{result.output}: {result.frames} frames at {result.fps:g} fps{audio}{label}")
     return 0
 
 

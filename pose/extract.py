@@ -91,7 +91,7 @@ def extract_video(
 
     detector.reset()
     frames, indices = [], []
-    expected = _expected_count(info, settings)
+    expected = expected_count(info, settings)
     bar = tqdm(total=expected, desc=f"poses {video.name}", unit="frame", disable=not progress, leave=False)
     try:
         for index, rgb in iter_frames(video, settings.stride, settings.max_frames, settings.start, settings.end):
@@ -117,7 +117,7 @@ def extract_video(
     return Extraction(poses, False, cache_path)
 
 
-def _expected_count(info, settings: ExtractSettings) -> int | None:
+def expected_count(info, settings: ExtractSettings) -> int | None:
     if not info.num_frames:
         return settings.max_frames
     first = int(settings.start * info.fps)

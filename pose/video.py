@@ -169,15 +169,63 @@ def is_image_path(path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
+@dataclasses.dataclass(frozen=True)
+class AudioClip:
+    """The part of `source`'s audio track from `start` for `duration` seconds, delayed by `delay`."""
+
+    source: Path
+    start: float
+    duration: float
+    delay: float = 0.0
+
+
+def has_audio(path) -> bool:
+    with av.open(str(path)) as container:
+        return bool(container.streams.audio)
+
+
+def _audio_frames(clip: AudioClip, rate: int, layout: str) -> Iterator[av.AudioFrame]:
+    """The clip's samples as planar float frames at `rate`, trimmed to the clip and delayed."""
+    resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate)
+    first, last = round(clip.start * rate), round((clip.start + clip.duration) * rate)
+    position = -round(clip.delay * rate)  # source sample index of the next output sample
+    channels = len(av.AudioLayout(layout).channels)
+    pts = 0
+
+    def emit(samples: np.ndarray) -> av.AudioFrame:
+        nonlocal pts
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples, np.float32), format="fltp", layout=layout)
+        frame.sample_rate, frame.pts = rate, pts
+        pts += samples.shape[1]
+        return frame
+
+    if position < 0:
+        yield emit(np.zeros((channels, -position), np.float32))
+        position = 0
+    position += first
+    seen = 0  # source samples decoded so far (resampled timeline, from 0)
+    with av.open(str(clip.source)) as container:
+        for decoded in container.decode(container.streams.audio[0]):
+            for frame in resampler.resample(decoded):
+                samples = frame.to_ndarray()
+                begin, end = max(position, seen), min(last, seen + samples.shape[1])
+                if end > begin:
+                    yield emit(samples[:, begin - seen:end - seen])
+                    position = end
+                seen += samples.shape[1]
+                if seen >= last:
+                    return
+
+
 class VideoWriter:
-    """Encode RGB frames to an mp4 (H.264 when available), atomically.
+    """Encode RGB frames to an mp4 (H.264 when available), atomically, with an optional audio clip.
 
     Frames go to a temporary file beside the target, renamed over it only by `close()` after the
     last frame; an exception inside the `with` block removes the temporary file and leaves any
-    existing output untouched.
+    existing output untouched. The audio (AAC) is encoded at `close()`.
     """
 
-    def __init__(self, path, fps: float, crf: int = 18):
+    def __init__(self, path, fps: float, crf: int = 18, audio: AudioClip | None = None):
         self.path = Path(path)
         check_writable(self.path)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".part.mp4", dir=self.path.parent)
@@ -187,6 +235,8 @@ class VideoWriter:
         self._crf = crf
         self._container = av.open(str(self._tmp), mode="w", format="mp4")
         self._stream = None
+        self._audio = audio
+        self._audio_stream = None
         self.frames_written = 0
 
     def write(self, frame: np.ndarray) -> None:
@@ -198,16 +248,39 @@ class VideoWriter:
             self._stream.pix_fmt = "yuv420p"
             if codec == "libx264":
                 self._stream.options = {"crf": str(self._crf), "preset": "veryfast"}
+            if self._audio is not None:  # every stream must exist before the first packet
+                self._add_audio_stream()
         frame = np.ascontiguousarray(frame[: self._stream.height, : self._stream.width])
         packet_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
         for packet in self._stream.encode(packet_frame):
             self._container.mux(packet)
         self.frames_written += 1
 
-    def close(self) -> Path:
-        if self._stream is not None:
-            for packet in self._stream.encode():
+    def _add_audio_stream(self) -> None:
+        with av.open(str(self._audio.source)) as source:
+            track = source.streams.audio[0].codec_context
+            rate, layout = track.sample_rate, "mono" if track.channels == 1 else "stereo"
+        self._audio_stream = self._container.add_stream("aac", rate=rate)
+        self._audio_stream.layout = layout
+
+    def _write_audio(self) -> None:
+        stream = self._audio_stream
+        for frame in _audio_frames(self._audio, stream.rate, stream.layout.name):
+            for packet in stream.encode(frame):
                 self._container.mux(packet)
+        for packet in stream.encode():
+            self._container.mux(packet)
+
+    def close(self) -> Path:
+        try:
+            if self._stream is not None:
+                for packet in self._stream.encode():
+                    self._container.mux(packet)
+            if self._audio_stream is not None:
+                self._write_audio()
+        except BaseException:
+            self.abort()
+            raise
         self._container.close()
         if self.frames_written == 0:
             self._tmp.unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 
 Steps: poses (cache, alignment) -> reference resized to cover H x W and centre-cropped (as published),
 poses mapped through the same crop -> skeleton frames -> pipeline (latents) -> streamed chunked decoding
-into the writer. The output keeps the driving clip's timing (source fps / stride).
+into the writer. The output keeps the driving clip's timing (source fps / stride) and the matching part
+of its audio track.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from pose.align import align, apply_linear
 from pose.cache import PoseCache
 from pose.detect import load_detector
 from pose.errors import InputError
-from pose.extract import ExtractSettings, detect_reference, extract_video
+from pose.extract import ExtractSettings, detect_reference, expected_count, extract_video
 from pose.render import render_sequence
 from pose.skeleton import PoseSequence
-from pose.video import VideoWriter, check_writable, is_image_path, read_image
+from pose.video import AudioClip, VideoWriter, check_writable, has_audio, is_image_path, probe_video, read_image
 
-from .config import TINY, AnimateConfig
+from .config import OFFLOAD_MODES, TINY, AnimateConfig
 from .decode import iter_decoded_frames
+from .memory import check_frames_fit
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class AnimateResult:
     frames: int
     fps: float
     random_weights: bool
+    audio: bool = False
 
 
 def cover_crop(width: int, height: int, target_w: int, target_h: int) -> tuple[float, int, int]:
@@ -99,37 +102,105 @@ def load_pipeline(config: AnimateConfig, weights: Path | None, device: str, dtyp
         except (OSError, ValueError) as e:
             raise InputError(f"cannot load the base model {config.base_model} ({type(e).__name__}); "
                              "no weights are reachable here: try --preset tiny") from None
-    pipe.to(device)
     if config.base_model == TINY and dtype != torch.float32:
         pipe.to(dtype=dtype)
+    place_pipeline(pipe, device, config.offload)
+    if config.compile:
+        pipe.unet.compile()  # in place: the control hook is traced with it, no graph break
     return pipe
+
+
+def place_pipeline(pipe, device: str, offload: str = "none") -> None:
+    """Move the models to `device`, or keep them on the CPU and move each in only while it runs."""
+    if offload not in OFFLOAD_MODES:
+        raise InputError(f"unknown offload mode {offload!r}; choose one of {', '.join(OFFLOAD_MODES)}")
+    if offload != "none" and torch.device(device).type == "cpu":
+        logger.info("--offload %s: the models already live in CPU memory; nothing to offload", offload)
+        offload = "none"
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+
+
+def is_pose_file(path: Path) -> bool:
+    return path.suffix.lower() == ".npz"
 
 
 def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, cache: PoseCache | None,
                   dwpose_dir=None, progress: bool = True) -> tuple[PoseSequence, np.ndarray]:
-    """Driving poses in the reference's frame, and the reference image."""
-    if pose_input.suffix.lower() == ".npz":
+    """Driving poses in the reference's frame (the reference's own pose first when the config asks
+    for the published layout), and the reference image."""
+    if is_pose_file(pose_input):
         poses = PoseSequence.load(pose_input)
-        image = read_image(reference)
         if poses.meta.get("align", {}).get("method") in (None, "none"):
             logger.info("%s: poses are not aligned to a reference; used as they are", pose_input)
         if config.max_frames:
             poses = poses.select(slice(0, config.max_frames))
-        return poses, image
-    if is_image_path(pose_input):
-        raise InputError(f"{pose_input}: is an image; --pose takes a driving video or a poses .npz")
+        if not config.prepend_reference_pose:
+            return poses, read_image(reference)
+        with load_detector(config.detector, dwpose_dir=dwpose_dir) as detector:
+            ref_pose, image = detect_reference(reference, detector)
+        return prepend_pose(poses, ref_pose), image
+
     settings = ExtractSettings(stride=config.stride, max_frames=config.max_frames)
+    need_reference_pose = config.align != "none" or config.prepend_reference_pose
     with load_detector(config.detector, dwpose_dir=dwpose_dir) as detector:
-        if config.align != "none":
+        if need_reference_pose:
             ref_pose, image = detect_reference(reference, detector)
         else:
             ref_pose, image = None, read_image(reference)
         poses = extract_video(pose_input, detector, settings, cache, progress=progress).poses
-    if ref_pose is not None:
+    if config.align != "none":
         poses = align(poses, ref_pose, config.align)
     else:
         poses = poses.replace(width=image.shape[1], height=image.shape[0])
-    return poses, image
+    return (prepend_pose(poses, ref_pose) if config.prepend_reference_pose else poses), image
+
+
+def prepend_pose(poses: PoseSequence, ref_pose: PoseSequence) -> PoseSequence:
+    """The published layout: the reference image's pose as frame 0 (source frame index -1)."""
+    if (ref_pose.width, ref_pose.height) != (poses.width, poses.height):
+        raise InputError("the poses are not aligned to this reference image (different frame size); "
+                         "run `svd-animate pose` with --ref, or leave out --published-sampling")
+    arrays = {name: np.concatenate([ref, drv]) for (name, ref), drv in
+              zip(ref_pose.arrays().items(), poses.arrays().values())}
+    return poses.replace(**arrays, frame_index=np.concatenate([[-1], poses.frame_index]),
+                         filled=np.concatenate([[False], poses.filled]),
+                         meta={**poses.meta, "reference_pose_first": True})
+
+
+def expected_frames(pose_input: Path, config: AnimateConfig) -> int | None:
+    """Frames the run will make, known before any pose is extracted (None when the video does not say)."""
+    if is_pose_file(pose_input):
+        return None
+    count = expected_count(probe_video(pose_input), ExtractSettings(stride=config.stride,
+                                                                    max_frames=config.max_frames))
+    return count + int(config.prepend_reference_pose) if count else None
+
+
+def render_frames(poses: PoseSequence, height: int, width: int) -> np.ndarray:
+    """All skeleton frames in one preallocated uint8 array (no list-then-stack double peak)."""
+    frames = np.empty((len(poses), height, width, 3), np.uint8)
+    for index, frame in enumerate(render_sequence(poses, height, width)):
+        frames[index] = frame
+    return frames
+
+
+def audio_for(pose_input: Path, poses: PoseSequence) -> AudioClip | None:
+    """The driving clip's audio from its first kept frame to the end of its last one, delayed by one
+    frame when the reference pose was put first."""
+    if is_pose_file(pose_input) or not has_audio(pose_input):
+        return None
+    source_fps = poses.meta.get("source_fps")
+    driving = poses.frame_index[poses.frame_index >= 0]
+    if not source_fps or not len(driving):
+        return None
+    stride = poses.meta.get("stride", 1)
+    delay = 1 / poses.fps if poses.frame_index[0] < 0 else 0.0
+    return AudioClip(pose_input, driving[0] / source_fps, len(driving) * stride / source_fps, delay)
 
 
 def animate(reference, pose_input, output, config: AnimateConfig, weights=None, device: str = "cpu",
@@ -140,29 +211,41 @@ def animate(reference, pose_input, output, config: AnimateConfig, weights=None, 
     for path in (reference, pose_input):
         if not path.is_file():
             raise InputError(f"{path}: no such file")
+    if is_image_path(pose_input):
+        raise InputError(f"{pose_input}: is an image; --pose takes a driving video or a poses .npz")
     width, height = config.width, config.height
     if width % 64 or height % 64:
         raise InputError(f"--width/--height must be multiples of 64 (the UNet's latent grid), got {width}x{height}")
     dtype = resolve_dtype(config.dtype, device)
+    expected = expected_frames(pose_input, config)
+    if expected:  # a video too long for this machine is refused before any pose is extracted
+        check_frames_fit(expected, width, height, dtype, device, side_by_side)
 
     poses, image = prepare_poses(pose_input, reference, config, cache, dwpose_dir, progress)
+    check_frames_fit(len(poses), width, height, dtype, device, side_by_side)
     reference_image = crop_reference(image, width, height)
     poses = crop_poses(poses, width, height)
-    pose_frames = np.stack(list(render_sequence(poses, height, width)))
+    pose_frames = render_frames(poses, height, width)
+    audio = audio_for(pose_input, poses) if config.audio else None
 
     pipe = load_pipeline(config, Path(weights) if weights else None, device, dtype)
     pipe.set_progress_bar_config(desc="sampling (steps x windows)", leave=False, disable=not progress)
     generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    latents = pipe(
-        Image.fromarray(reference_image), pose_frames, height=height, width=width, num_frames=len(pose_frames),
-        num_inference_steps=config.steps, min_guidance_scale=config.min_guidance, max_guidance_scale=config.max_guidance,
-        fps=config.fps_id, motion_bucket_id=config.motion_bucket_id, noise_aug_strength=config.noise_aug_strength,
-        control_scale=config.control_scale, window_size=config.window, window_overlap=config.overlap,
-        fusion=config.fusion, reference_pose_in_every_window=config.reference_pose_in_every_window,
-        generator=generator, output_type="latent",
-    ).frames
-    fps = poses.fps
-    with VideoWriter(output, fps=fps) as writer:
-        for index, frame in enumerate(iter_decoded_frames(pipe.vae, latents, config.decode_chunk_size, progress)):
-            writer.write(np.concatenate([pose_frames[index], frame], axis=1) if side_by_side else frame)
-    return AnimateResult(output, len(pose_frames), fps, config.base_model == TINY)
+    try:
+        latents = pipe(
+            Image.fromarray(reference_image), pose_frames, height=height, width=width, num_frames=len(pose_frames),
+            num_inference_steps=config.steps, min_guidance_scale=config.min_guidance,
+            max_guidance_scale=config.max_guidance, fps=config.fps_id, motion_bucket_id=config.motion_bucket_id,
+            noise_aug_strength=config.noise_aug_strength, control_scale=config.control_scale,
+            window_size=config.window, window_overlap=config.overlap, fusion=config.fusion,
+            reference_pose_in_every_window=config.reference_pose_in_every_window,
+            generator=generator, output_type="latent",
+        ).frames
+        with VideoWriter(output, fps=poses.fps, audio=audio) as writer:
+            decoded = iter_decoded_frames(pipe.vae, latents, config.decode_chunk_size, progress)
+            for index, frame in enumerate(decoded):
+                writer.write(np.concatenate([pose_frames[index], frame], axis=1) if side_by_side else frame)
+    except torch.cuda.OutOfMemoryError:
+        raise InputError(f"out of memory on {device} at {width}x{height} with windows of {config.window} frames: "
+                         "try --offload model, a smaller --window, --height/--width or --dtype fp16") from None
+    return AnimateResult(output, len(pose_frames), poses.fps, config.base_model == TINY, audio is not None)

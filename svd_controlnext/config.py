@@ -12,6 +12,7 @@ from pose.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TINY = "tiny"
+OFFLOAD_MODES = ("none", "model", "sequential")
 
 
 @dataclasses.dataclass
@@ -27,7 +28,9 @@ class AnimateConfig:
     control_scale: float = 1.0
     window: int = 24
     overlap: int = 6
-    fusion: str = "ramp"
+    fusion: str = "ramp"  # "uniform" is the published plain mean
+    # The published layout: the reference image's pose as output frame 0, and fed at position 0 of every window.
+    prepend_reference_pose: bool = False
     reference_pose_in_every_window: bool = False
     stride: int = 2
     max_frames: int | None = None
@@ -37,6 +40,9 @@ class AnimateConfig:
     decode_chunk_size: int = 8
     seed: int = 42
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    offload: str = "none"  # none, model (one model on the GPU at a time), sequential (one layer at a time)
+    compile: bool = False  # torch.compile the UNet
+    audio: bool = True  # keep the driving clip's audio track
     detector: str = "auto"
     align: str = "ls"
 

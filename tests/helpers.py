@@ -13,18 +13,39 @@ from pose.detect.base import empty_pose
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def write_clip(path, frames, fps=10, codec="libx264") -> Path:
-    """Encode RGB frames (H, W, 3 uint8, even sizes) into a video file."""
+def write_clip(path, frames, fps=10, codec="libx264", tone_hz=None, rate=16000) -> Path:
+    """Encode RGB frames (H, W, 3 uint8, even sizes) into a video file; `tone_hz` adds a mono AAC
+    sine track as long as the video."""
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=Fraction(fps))
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
+        audio = None
+        if tone_hz is not None:
+            audio = container.add_stream("aac", rate=rate)
+            audio.layout = "mono"
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if audio is not None:
+            t = np.arange(round(len(frames) / fps * rate)) / rate
+            wave = (0.5 * np.sin(2 * np.pi * tone_hz * t)).astype(np.float32)[None]
+            frame = av.AudioFrame.from_ndarray(wave, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, 0
+            for packet in [*audio.encode(frame), *audio.encode()]:
+                container.mux(packet)
     return Path(path)
+
+
+def read_audio(path) -> tuple[np.ndarray, int]:
+    """The first audio track, mono float samples, and its sample rate."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        chunks = [frame.to_ndarray().reshape(frame.to_ndarray().shape[0], -1).mean(axis=0)
+                  for frame in container.decode(stream)]
+        return np.concatenate(chunks), stream.codec_context.sample_rate
 
 
 def square_frames(num_frames=12, height=48, width=64, missing=(), size=8):

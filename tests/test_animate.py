@@ -122,3 +122,134 @@ def test_no_weights_reachable_points_to_tiny(inputs, tmp_path, capsys, monkeypat
                           "64", "-o", tmp_path / "out.mp4")
     assert code == 2 and "try --preset tiny" in stderr and len(stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_too_long_for_memory_refused_before_any_pose_is_extracted(shared_data, tmp_path, capsys, monkeypatch):
+    import pose.detect
+    from svd_controlnext import memory
+
+    monkeypatch.setattr(memory, "free_memory", lambda device: (2 * 30 * 64 * 64 * 3, 0))  # room for ~25 frames
+    monkeypatch.setattr(pose.detect, "load_detector", lambda *a, **k: pytest.fail("poses were extracted"))
+    out = tmp_path / "out.mp4"
+    code, _, stderr = run(capsys, "--ref", shared_data / "ref_controlnext_v2_01.jpeg", "--pose",
+                          shared_data / "driving_controlnext_v2_01.mp4", "--preset", "tiny", "--max-frames", "100",
+                          "--stride", "1", "-o", out)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert "100 frames at 64x64" in stderr and "use --max-frames 2" in stderr
+    assert not out.exists()
+
+
+def test_out_of_memory_while_sampling_is_one_line_and_writes_nothing(inputs, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from svd_controlnext.pipeline import ControlNeXtSVDPipeline
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(ControlNeXtSVDPipeline, "__call__", out_of_memory)
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"earlier result")
+    code, _, stderr = run(capsys, "--ref", inputs["ref"], "--pose", inputs["poses"], "--preset", "tiny", "-o", out)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
+    assert "out of memory on cpu at 64x64 with windows of 8 frames: try --offload model" in stderr
+    assert out.read_bytes() == b"earlier result" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "other.npz", "out.mp4", "poses.npz", "ref.png"]
+
+
+def test_prepend_reference_pose_hand_built():
+    from svd_controlnext.animate import prepend_pose
+
+    driving = PoseSequence.stack([make_pose({0: (0.5, 0.3)}), make_pose({0: (0.6, 0.3)})], 64, 64, fps=5,
+                                 frame_index=[4, 6])
+    ref = PoseSequence.stack([make_pose({0: (0.1, 0.2)})], 64, 64, fps=1)
+    both = prepend_pose(driving, ref)
+    assert len(both) == 3 and both.frame_index.tolist() == [-1, 4, 6] and both.filled.tolist() == [False] * 3
+    np.testing.assert_allclose(both.body[:, 0], [[0.1, 0.2], [0.5, 0.3], [0.6, 0.3]])
+    with pytest.raises(InputError, match="not aligned to this reference"):
+        prepend_pose(driving, ref.replace(width=128))
+
+
+def test_audio_span_hand_computed(tmp_path):
+    from svd_controlnext.animate import audio_for
+    from tests.helpers import square_frames, write_clip
+
+    clip = write_clip(tmp_path / "a.mp4", square_frames(30), fps=10, tone_hz=440)
+    poses = PoseSequence.stack([make_pose({0: (0.5, 0.3)})] * 3, 64, 48, fps=5, frame_index=[10, 12, 14],
+                               meta={"source_fps": 10.0, "stride": 2})
+    span = audio_for(clip, poses)
+    assert (span.start, span.duration, span.delay) == (1.0, 0.6, 0.0)  # frames 10..15 at 10 fps
+    with_reference = poses.replace(frame_index=np.array([-1, 10, 12]))
+    assert audio_for(clip, with_reference).delay == pytest.approx(0.2)  # one output frame at 5 fps
+    silent = write_clip(tmp_path / "b.mp4", square_frames(30), fps=10)
+    assert audio_for(silent, poses) is None and audio_for(tmp_path / "p.npz", poses) is None
+
+
+@pytest.fixture(scope="module")
+def clip_with_audio(tmp_path_factory):
+    """Twelve frames of a real driving clip at 144x256 with a 440 Hz tone, 29 fps."""
+    from pose.video import iter_frames
+    from tests.helpers import SHARED_DATA, write_clip
+
+    source = SHARED_DATA / "driving_controlnext_v2_01.mp4"
+    if not source.is_file():
+        pytest.skip(f"{source} not found (../shared/data is not beside this checkout)")
+    import cv2
+
+    frames = [cv2.resize(rgb, (144, 256), interpolation=cv2.INTER_AREA) for _, rgb in iter_frames(source, 1, 12)]
+    return write_clip(tmp_path_factory.mktemp("clip") / "dance.mp4", frames, fps=29, tone_hz=440)
+
+
+def test_output_keeps_the_audio_and_the_published_layout_adds_the_reference_frame(
+        shared_data, clip_with_audio, tmp_path, capsys):
+    from tests.helpers import read_audio
+
+    out = tmp_path / "anim.mp4"
+    code, stdout, _ = run(capsys, "--ref", shared_data / "ref_controlnext_v2_01.jpeg", "--pose", clip_with_audio,
+                          "--preset", "tiny", "--stride", "2", "--max-frames", "5", "--published-sampling",
+                          "-o", out, "--cache-dir", tmp_path / "cache")
+    assert code == 0 and "6 frames at 14.5 fps, with the driving clip's audio" in stdout  # 5 + the reference pose
+    samples, rate = read_audio(out)
+    expected = 6 / 14.5  # one frame of silence, then 10 source frames at 29 fps
+    assert abs(len(samples) / rate - expected) < 0.08
+    assert abs(samples[: int(0.05 * rate)]).max() < 0.05  # the reference frame is silent
+    tone = samples[int(0.1 * rate): int(0.35 * rate)]
+    peak_hz = np.argmax(np.abs(np.fft.rfft(tone))) * rate / len(tone)
+    assert abs(peak_hz - 440) < 10
+
+    code, stdout, _ = run(capsys, "--ref", shared_data / "ref_controlnext_v2_01.jpeg", "--pose", clip_with_audio,
+                          "--preset", "tiny", "--stride", "2", "--max-frames", "5", "--no-audio",
+                          "-o", out, "--cache-dir", tmp_path / "cache")
+    assert code == 0 and "5 frames at 14.5 fps" in stdout and "driving clip's audio" not in stdout
+    with av.open(str(out)) as container:
+        assert not container.streams.audio
+
+
+class RecordingPipe:
+    def __init__(self):
+        self.calls = []
+
+    def to(self, device):
+        self.calls.append(("to", device))
+
+    def enable_model_cpu_offload(self, device):
+        self.calls.append(("model", device))
+
+    def enable_sequential_cpu_offload(self, device):
+        self.calls.append(("sequential", device))
+
+
+@pytest.mark.parametrize("device, offload, expected", [
+    ("cuda", "model", ("model", "cuda")),
+    ("cuda:1", "sequential", ("sequential", "cuda:1")),
+    ("cuda", "none", ("to", "cuda")),
+    ("cpu", "model", ("to", "cpu")),  # nothing to offload to: the models stay in RAM
+])
+def test_offload_modes(device, offload, expected):
+    from svd_controlnext.animate import place_pipeline
+
+    pipe = RecordingPipe()
+    place_pipeline(pipe, device, offload)
+    assert pipe.calls == [expected]
+    with pytest.raises(InputError, match="unknown offload mode 'gpu'"):
+        place_pipeline(pipe, device, "gpu")

@@ -99,3 +99,38 @@ def test_uint8_frames_equal_float_frames(components):
     from_uint8 = pipe(reference_image(), as_numpy, **call_kwargs(output_type="latent")).frames
     from_float = pipe(reference_image(), frames.float() / 255.0, **call_kwargs(output_type="latent")).frames
     torch.testing.assert_close(from_uint8, from_float, rtol=0, atol=0)
+
+
+def test_model_cpu_offload_gives_the_same_frames(components):
+    """accelerate's offload hooks wrap each model's forward; the control hook on the UNet's block must
+    still see its features (moved to the block's device) and the result must not change."""
+    expected = ControlNeXtSVDPipeline(**tiny_components())(reference_image(), pose_frames(),
+                                                           **call_kwargs(output_type="latent")).frames
+    pipe = ControlNeXtSVDPipeline(**tiny_components())
+    pipe.enable_model_cpu_offload(device="cpu")  # the same hooks as on a GPU, with the CPU as accelerator
+    try:
+        offloaded = pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent")).frames
+    finally:
+        pipe.remove_all_hooks()
+    assert pipe.control_calls == STEPS
+    torch.testing.assert_close(offloaded, expected, rtol=0, atol=1e-6)
+
+
+def test_compiled_unet_has_no_graph_break_and_no_recompile():
+    """`unet.compile(fullgraph=True)` fails on any graph break; one graph for all steps and windows
+    shows that setting new control features does not re-trace."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    kwargs = call_kwargs(num_frames=6, output_type="latent", window_size=4, window_overlap=2)
+    expected = ControlNeXtSVDPipeline(**tiny_components())(reference_image(), pose_frames(6), **kwargs).frames
+    pipe = ControlNeXtSVDPipeline(**tiny_components())
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.unet.compile(backend="eager", fullgraph=True)
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    compiled = pipe(reference_image(), pose_frames(6), **kwargs).frames
+    assert pipe.control_calls == STEPS * 2
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-6)
+    torch._dynamo.reset()

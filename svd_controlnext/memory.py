@@ -1,0 +1,65 @@
+"""How many frames fit: the memory that grows with video length, checked before any work starts.
+
+A window's UNet work does not depend on the video's length; what does is held for the whole video:
+the rendered pose frames (uint8, host), the side-by-side copy when asked for, and the latents
+(video latents, fused latents and the window being stepped, on the device). A run whose
+length-dependent memory would take more than half of what is free is refused with the longest
+length that fits, instead of being killed by the OOM killer an hour later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import psutil
+import torch
+
+from pose.errors import InputError
+
+SHARE_FOR_FRAMES = 0.5  # the rest is left to the models and one window's activations
+LATENT_COPIES = 3  # latents, fused latents, and the window slice being stepped
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameCost:
+    host: int  # bytes per frame in RAM
+    device: int  # bytes per frame on the device (0 when the device is the CPU: counted in `host`)
+
+
+def frame_cost(width: int, height: int, dtype_bytes: int, device: str, side_by_side: bool = False) -> FrameCost:
+    pose_frame = width * height * 3
+    host = pose_frame * (2 if side_by_side else 1)
+    latents = LATENT_COPIES * 4 * (width // 8) * (height // 8) * dtype_bytes
+    if torch.device(device).type == "cpu":
+        return FrameCost(host + latents, 0)
+    return FrameCost(host, latents)
+
+
+def free_memory(device: str) -> tuple[int, int]:
+    """(free host bytes, free device bytes); device bytes are 0 for the CPU."""
+    host = psutil.virtual_memory().available
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return host, free
+    return host, 0
+
+
+def max_frames_that_fit(cost: FrameCost, free_host: int, free_device: int) -> int:
+    limits = [int(free_host * SHARE_FOR_FRAMES) // cost.host]
+    if cost.device:
+        limits.append(int(free_device * SHARE_FOR_FRAMES) // cost.device)
+    return min(limits)
+
+
+def check_frames_fit(num_frames: int, width: int, height: int, dtype: torch.dtype, device: str,
+                     side_by_side: bool = False, free: tuple[int, int] | None = None) -> None:
+    """Refuse, in one line naming the longest length that fits, a video too long for this machine."""
+    cost = frame_cost(width, height, torch.finfo(dtype).bits // 8, device, side_by_side)
+    free_host, free_device = free if free is not None else free_memory(device)
+    limit = max_frames_that_fit(cost, free_host, free_device)
+    if num_frames > limit:
+        need = num_frames * (cost.host + cost.device) / 2**30
+        raise InputError(f"{num_frames} frames at {width}x{height} need about {need:.1f} GiB held for the whole "
+                         f"video, more than {device} has free; at most {limit} frames fit here: use --max-frames "
+                         f"{max(limit, 1)}, a larger --stride or a smaller size")
