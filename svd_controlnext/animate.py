@@ -8,9 +8,11 @@ of its audio track.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from PIL import Image
 from pose.align import align, apply_linear
 from pose.cache import PoseCache
 from pose.detect import load_detector
+from pose.detect.base import PoseDetector
 from pose.errors import InputError
 from pose.extract import ExtractSettings, detect_reference, expected_count, extract_video
 from pose.render import render_sequence
@@ -129,10 +132,11 @@ def is_pose_file(path: Path) -> bool:
     return path.suffix.lower() == ".npz"
 
 
-def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, cache: PoseCache | None,
-                  dwpose_dir=None, progress: bool = True) -> tuple[PoseSequence, np.ndarray]:
+def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, detector: Callable[[], PoseDetector],
+                  cache: PoseCache | None, progress: bool = True) -> tuple[PoseSequence, np.ndarray]:
     """Driving poses in the reference's frame (the reference's own pose first when the config asks
-    for the published layout), and the reference image."""
+    for the published layout), and the reference image. `detector()` gives the pose detector; it is
+    only called when a pose has to be detected."""
     if is_pose_file(pose_input):
         poses = PoseSequence.load(pose_input)
         if poses.meta.get("align", {}).get("method") in (None, "none"):
@@ -141,18 +145,15 @@ def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, cach
             poses = poses.select(slice(0, config.max_frames))
         if not config.prepend_reference_pose:
             return poses, read_image(reference)
-        with load_detector(config.detector, dwpose_dir=dwpose_dir) as detector:
-            ref_pose, image = detect_reference(reference, detector)
+        ref_pose, image = detect_reference(reference, detector())
         return prepend_pose(poses, ref_pose), image
 
     settings = ExtractSettings(stride=config.stride, max_frames=config.max_frames)
-    need_reference_pose = config.align != "none" or config.prepend_reference_pose
-    with load_detector(config.detector, dwpose_dir=dwpose_dir) as detector:
-        if need_reference_pose:
-            ref_pose, image = detect_reference(reference, detector)
-        else:
-            ref_pose, image = None, read_image(reference)
-        poses = extract_video(pose_input, detector, settings, cache, progress=progress).poses
+    if config.align != "none" or config.prepend_reference_pose:
+        ref_pose, image = detect_reference(reference, detector())
+    else:
+        ref_pose, image = None, read_image(reference)
+    poses = extract_video(pose_input, detector(), settings, cache, progress=progress).poses
     if config.align != "none":
         poses = align(poses, ref_pose, config.align)
     else:
@@ -203,49 +204,108 @@ def audio_for(pose_input: Path, poses: PoseSequence) -> AudioClip | None:
     return AudioClip(pose_input, driving[0] / source_fps, len(driving) * stride / source_fps, delay)
 
 
+# Settings that change which models are loaded or how; a batch job cannot override them.
+LOAD_KEYS = ("base_model", "control_weights", "unet_weights", "dtype", "offload", "compile", "detector")
+
+
+class Animator:
+    """Loads the pose detector and the pipeline once (each on first use) and animates any number of
+    (reference, driving poses) pairs with them; `__call__` takes per-job overrides of the config."""
+
+    def __init__(self, config: AnimateConfig, weights=None, device: str = "cpu", cache: PoseCache | None = None,
+                 dwpose_dir=None, progress: bool = True):
+        self.config = config
+        self.weights = Path(weights) if weights else None
+        self.device = device
+        self.dtype = resolve_dtype(config.dtype, device)
+        self.cache = cache
+        self.dwpose_dir = dwpose_dir
+        self.progress = progress
+        self._pipe = None
+        self._detector = None
+        self._resources = contextlib.ExitStack()
+
+    def detector(self) -> PoseDetector:
+        if self._detector is None:
+            self._detector = self._resources.enter_context(load_detector(self.config.detector,
+                                                                         dwpose_dir=self.dwpose_dir))
+        return self._detector
+
+    def pipeline(self):
+        if self._pipe is None:
+            self._pipe = load_pipeline(self.config, self.weights, self.device, self.dtype)
+            self._pipe.set_progress_bar_config(desc="sampling (steps x windows)", leave=False,
+                                               disable=not self.progress)
+        return self._pipe
+
+    def close(self) -> None:
+        self._resources.close()
+        self._detector = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def check(self, reference, pose_input, output, config: AnimateConfig, side_by_side: bool = False) -> None:
+        """Every check that needs no model: files, size, and whether the video's length fits in memory."""
+        check_writable(output)
+        for path in (reference, pose_input):
+            if not path.is_file():
+                raise InputError(f"{path}: no such file")
+        if is_image_path(pose_input):
+            raise InputError(f"{pose_input}: is an image; --pose takes a driving video or a poses .npz")
+        if config.width % 64 or config.height % 64:
+            raise InputError(f"--width/--height must be multiples of 64 (the UNet's latent grid), "
+                             f"got {config.width}x{config.height}")
+        expected = expected_frames(pose_input, config)
+        if expected:  # a video too long for this machine is refused before any pose is extracted
+            check_frames_fit(expected, config.width, config.height, self.dtype, self.device, side_by_side)
+
+    def __call__(self, reference, pose_input, output, side_by_side: bool = False, **overrides) -> AnimateResult:
+        refused = sorted(set(overrides) & set(LOAD_KEYS))
+        if refused:
+            raise InputError(f"{', '.join(refused)}: fixed for the whole run, not per job")
+        config = self.config.replace(**overrides)
+        reference, pose_input, output = Path(reference), Path(pose_input), Path(output)
+        self.check(reference, pose_input, output, config, side_by_side)
+        width, height = config.width, config.height
+
+        poses, image = prepare_poses(pose_input, reference, config, self.detector, self.cache, self.progress)
+        check_frames_fit(len(poses), width, height, self.dtype, self.device, side_by_side)
+        reference_image = crop_reference(image, width, height)
+        poses = crop_poses(poses, width, height)
+        pose_frames = render_frames(poses, height, width)
+        audio = audio_for(pose_input, poses) if config.audio else None
+
+        pipe = self.pipeline()
+        generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        try:
+            latents = pipe(
+                Image.fromarray(reference_image), pose_frames, height=height, width=width,
+                num_frames=len(pose_frames), num_inference_steps=config.steps,
+                min_guidance_scale=config.min_guidance, max_guidance_scale=config.max_guidance, fps=config.fps_id,
+                motion_bucket_id=config.motion_bucket_id, noise_aug_strength=config.noise_aug_strength,
+                control_scale=config.control_scale, window_size=config.window, window_overlap=config.overlap,
+                fusion=config.fusion, reference_pose_in_every_window=config.reference_pose_in_every_window,
+                generator=generator, output_type="latent",
+            ).frames
+            with VideoWriter(output, fps=poses.fps, audio=audio) as writer:
+                decoded = iter_decoded_frames(pipe.vae, latents, config.decode_chunk_size, self.progress)
+                for index, frame in enumerate(decoded):
+                    writer.write(np.concatenate([pose_frames[index], frame], axis=1) if side_by_side else frame)
+        except torch.cuda.OutOfMemoryError:
+            raise InputError(f"out of memory on {self.device} at {width}x{height} with windows of {config.window} "
+                             "frames: try --offload model, a smaller --window, --height/--width or --dtype fp16"
+                             ) from None
+        return AnimateResult(output, len(pose_frames), poses.fps, config.base_model == TINY, audio is not None)
+
+
 def animate(reference, pose_input, output, config: AnimateConfig, weights=None, device: str = "cpu",
             side_by_side: bool = False, cache: PoseCache | None = None, dwpose_dir=None,
             progress: bool = True) -> AnimateResult:
-    reference, pose_input, output = Path(reference), Path(pose_input), Path(output)
-    check_writable(output)
-    for path in (reference, pose_input):
-        if not path.is_file():
-            raise InputError(f"{path}: no such file")
-    if is_image_path(pose_input):
-        raise InputError(f"{pose_input}: is an image; --pose takes a driving video or a poses .npz")
-    width, height = config.width, config.height
-    if width % 64 or height % 64:
-        raise InputError(f"--width/--height must be multiples of 64 (the UNet's latent grid), got {width}x{height}")
-    dtype = resolve_dtype(config.dtype, device)
-    expected = expected_frames(pose_input, config)
-    if expected:  # a video too long for this machine is refused before any pose is extracted
-        check_frames_fit(expected, width, height, dtype, device, side_by_side)
-
-    poses, image = prepare_poses(pose_input, reference, config, cache, dwpose_dir, progress)
-    check_frames_fit(len(poses), width, height, dtype, device, side_by_side)
-    reference_image = crop_reference(image, width, height)
-    poses = crop_poses(poses, width, height)
-    pose_frames = render_frames(poses, height, width)
-    audio = audio_for(pose_input, poses) if config.audio else None
-
-    pipe = load_pipeline(config, Path(weights) if weights else None, device, dtype)
-    pipe.set_progress_bar_config(desc="sampling (steps x windows)", leave=False, disable=not progress)
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    try:
-        latents = pipe(
-            Image.fromarray(reference_image), pose_frames, height=height, width=width, num_frames=len(pose_frames),
-            num_inference_steps=config.steps, min_guidance_scale=config.min_guidance,
-            max_guidance_scale=config.max_guidance, fps=config.fps_id, motion_bucket_id=config.motion_bucket_id,
-            noise_aug_strength=config.noise_aug_strength, control_scale=config.control_scale,
-            window_size=config.window, window_overlap=config.overlap, fusion=config.fusion,
-            reference_pose_in_every_window=config.reference_pose_in_every_window,
-            generator=generator, output_type="latent",
-        ).frames
-        with VideoWriter(output, fps=poses.fps, audio=audio) as writer:
-            decoded = iter_decoded_frames(pipe.vae, latents, config.decode_chunk_size, progress)
-            for index, frame in enumerate(decoded):
-                writer.write(np.concatenate([pose_frames[index], frame], axis=1) if side_by_side else frame)
-    except torch.cuda.OutOfMemoryError:
-        raise InputError(f"out of memory on {device} at {width}x{height} with windows of {config.window} frames: "
-                         "try --offload model, a smaller --window, --height/--width or --dtype fp16") from None
-    return AnimateResult(output, len(pose_frames), poses.fps, config.base_model == TINY, audio is not None)
+    """One animation: `svd-animate --ref ... --pose ...`."""
+    with Animator(config, weights, device, cache, dwpose_dir, progress) as animator:
+        return animator(reference, pose_input, output, side_by_side)
