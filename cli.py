@@ -1,7 +1,8 @@
 """The `svd-animate` command.
 
-Sub-commands: `animate` (the default: `svd-animate --ref img.png --pose dance.mp4`), `pose` (driving
-video -> aligned skeletons), `convert` (published checkpoints -> diffusers-style folder).
+Sub-commands: `animate` (the default: `svd-animate --ref img.png --pose dance.mp4`), `batch` (many
+references x many clips), `pose` (driving video -> aligned skeletons), `convert` (published checkpoints
+-> diffusers-style folder).
 """
 
 from __future__ import annotations
@@ -129,18 +130,11 @@ def run_pose(args) -> int:
     return 0
 
 
-def add_animate_parser(subparsers) -> None:
+def add_generation_options(p) -> None:
+    """The options of a generation run, shared by `animate` and `batch` (preset values are defaults)."""
     from svd_controlnext.config import OFFLOAD_MODES
     from svd_controlnext.windows import FUSION_MODES
 
-    p = subparsers.add_parser(
-        "animate", help="animate a reference image with a driving video (the default command)",
-        description="Animate the character in --ref with the motion of --pose (a driving video or a poses .npz "
-                    "from `svd-animate pose`). Preset values are defaults; flags override them.",
-    )
-    p.add_argument("--ref", required=True, type=Path, help="reference image of the character")
-    p.add_argument("--pose", required=True, type=Path, help="driving video, or a PoseSequence .npz")
-    p.add_argument("-o", "--output", type=Path, help="output .mp4 (default: <pose>_<ref>.mp4 here)")
     p.add_argument("--preset", default="controlnext-svd-v2",
                    help="controlnext-svd-v2 (default), tiny (random weights, runs anywhere), or a YAML file")
     p.add_argument("--weights", type=Path, help="folder from `svd-animate convert` or training (pose_encoder/, unet/)")
@@ -169,14 +163,9 @@ def add_animate_parser(subparsers) -> None:
                    help="do not copy the driving clip's audio track")
     p.add_argument("--side-by-side", action="store_true", help="write skeleton | result")
     add_pose_source_options(p, align_default="the preset's, ls")
-    p.set_defaults(run=run_animate)
 
 
-def run_animate(args) -> int:
-    import torch
-
-    from pose.cache import PoseCache
-    from svd_controlnext.animate import animate
+def config_from_args(args):
     from svd_controlnext.config import load_preset
 
     config = load_preset(args.preset).replace(
@@ -187,16 +176,97 @@ def run_animate(args) -> int:
         audio=args.audio)
     if args.published_sampling:
         config = config.replace(fusion="uniform", prepend_reference_pose=True, reference_pose_in_every_window=True)
+    return config
+
+
+def random_weights_label(config) -> str:
+    from svd_controlnext.config import TINY
+
+    return " (tiny preset: RANDOM WEIGHTS, the pixels are noise, not an animation)" if config.base_model == TINY else ""
+
+
+def add_animate_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "animate", help="animate a reference image with a driving video (the default command)",
+        description="Animate the character in --ref with the motion of --pose (a driving video or a poses .npz "
+                    "from `svd-animate pose`). Preset values are defaults; flags override them.",
+    )
+    p.add_argument("--ref", required=True, type=Path, help="reference image of the character")
+    p.add_argument("--pose", required=True, type=Path, help="driving video, or a PoseSequence .npz")
+    p.add_argument("-o", "--output", type=Path, help="output .mp4 (default: <pose>_<ref>.mp4 here)")
+    add_generation_options(p)
+    p.set_defaults(run=run_animate)
+
+
+def run_animate(args) -> int:
+    import torch
+
+    from pose.cache import PoseCache
+    from svd_controlnext.animate import animate
+
+    config = config_from_args(args)
     output = args.output or Path(f"{args.pose.stem}_{args.ref.stem}.mp4")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = None if args.no_cache else PoseCache(args.cache_dir)
     result = animate(args.ref, args.pose, output, config, weights=args.weights, device=device,
                      side_by_side=args.side_by_side, cache=cache, dwpose_dir=args.dwpose_dir,
                      progress=not args.quiet)
-    label = " (tiny preset: RANDOM WEIGHTS, the pixels are noise, not an animation)" if result.random_weights else ""
     audio = ", with the driving clip's audio" if result.audio else ""
-    print(f"{result.output}: {result.frames} frames at {result.fps:g} fps{audio}{label}")
+    print(f"{result.output}: {result.frames} frames at {result.fps:g} fps{audio}{random_weights_label(config)}")
     return 0
+
+
+def add_batch_parser(subparsers) -> None:
+    from svd_controlnext.batch import PAIRINGS
+
+    p = subparsers.add_parser(
+        "batch", help="animate many references with many driving clips (resumable, multi-process)",
+        description="Run many animations with the models loaded once per process. Jobs come from --refs and "
+                    "--poses folders or from a --jobs manifest (CSV or YAML: ref, pose, and optional output, "
+                    "seed, steps, width, height, stride, max_frames, guidance, control_scale, ...). Outputs that "
+                    "already exist are skipped; a failed job is recorded and the batch goes on; OUTDIR/report.json "
+                    "lists every job. Exit status 0 when every job is done or skipped, 1 otherwise.",
+    )
+    p.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")
+    p.add_argument("--refs", type=Path, help="folder of reference images")
+    p.add_argument("--poses", type=Path, help="folder of driving videos and/or poses .npz")
+    p.add_argument("--pairing", choices=PAIRINGS, default="all",
+                   help="all: every reference with every clip (default); name: files with the same stem")
+    p.add_argument("--jobs", type=Path, help="manifest (.csv, .yaml) instead of --refs/--poses")
+    p.add_argument("--overwrite", action="store_true", help="redo jobs whose output exists")
+    p.add_argument("--dry-run", action="store_true", help="list the jobs, what is cached and what would be skipped")
+    p.add_argument("--num-processes", type=_positive_int, default=1,
+                   help="split the jobs over N processes (one per GPU when there are GPUs); or use "
+                        "`accelerate launch --multi_gpu --num_processes N -m svd_controlnext batch ...`")
+    add_generation_options(p)
+    p.set_defaults(run=run_batch)
+
+
+def run_batch(args) -> int:
+    import os
+
+    from svd_controlnext import batch
+
+    if (args.jobs is None) == (args.refs is None and args.poses is None):
+        raise InputError("give either --jobs FILE or --refs DIR and --poses DIR")
+    if args.jobs is None and (args.refs is None or args.poses is None):
+        raise InputError("--refs and --poses go together")
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ and not args.dry_run:
+        return batch.launch_processes(args.num_processes, sys.argv[1:] if args.argv is None else args.argv)
+    config = config_from_args(args)
+    outdir = args.output
+    if args.jobs is not None:
+        jobs = batch.jobs_from_manifest(args.jobs, outdir)
+    else:
+        jobs = batch.jobs_from_folders(args.refs, args.poses, outdir, args.pairing)
+    batch.prepare_outdir(outdir)
+    unreadable = batch.unreadable_inputs(jobs)
+    for path, reason in unreadable.items():
+        logger.warning("%s (its jobs will be recorded as failed)", reason)
+    if args.dry_run:
+        print(batch.dry_run_listing(jobs, config, args, unreadable))
+        return 0
+    return batch.run_batch_process(jobs, config, args, unreadable, label=random_weights_label(config))
 
 
 def add_convert_parser(subparsers) -> None:
@@ -232,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_animate_parser(subparsers)
+    add_batch_parser(subparsers)
     add_pose_parser(subparsers)
     add_convert_parser(subparsers)
     for sub in subparsers.choices.values():
@@ -255,6 +326,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     args = parser.parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv), commands))
+    args.argv = argv
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
     warnings.filterwarnings("ignore", module="google.protobuf")

@@ -1,0 +1,435 @@
+"""Batch jobs: many (reference, driving clip) pairs with the models loaded once per process.
+
+- Jobs come from two folders (every pair, or pairs matched by file stem) or from a manifest
+  (CSV or YAML, one row per job, optional per-job overrides). Every structural problem (empty
+  folder, missing column, path that does not exist, bad value, two jobs writing one file) is
+  listed at once, before any work; files that exist but cannot be read fail their own jobs only.
+- Resumable: a job whose output exists is skipped (outputs are written to a temporary name and
+  renamed, so an existing output is a finished one); leftovers of a killed run are removed.
+- One job's failure is recorded and the batch goes on.
+- Several processes (`accelerate launch` or `--num-processes`): jobs are split by driving clip, so a
+  clip is extracted once; each process writes its part of the report, the main one merges them.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import yaml
+from tqdm import tqdm
+
+from pose.atomic import publish
+from pose.errors import InputError
+from pose.skeleton import PoseSequence
+from pose.video import IMAGE_SUFFIXES, probe_video, read_image
+
+logger = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".gif"}
+POSE_SUFFIXES = VIDEO_SUFFIXES | {".npz"}
+PAIRINGS = ("all", "name")
+REPORT = "report.json"
+PART_GLOB = ".*.part.mp4"  # VideoWriter's temporary files
+
+# Per-job overrides a manifest may set, and their types; `guidance` sets min and max.
+JOB_OVERRIDES = {
+    "seed": int, "steps": int, "width": int, "height": int, "stride": int, "max_frames": int, "guidance": float,
+    "min_guidance": float, "max_guidance": float, "control_scale": float, "window": int, "overlap": int,
+    "fusion": str, "align": str, "motion_bucket_id": int, "noise_aug_strength": float,
+}
+MANIFEST_COLUMNS = {"ref", "pose", "output", *JOB_OVERRIDES}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    index: int
+    ref: Path
+    pose: Path
+    output: Path
+    overrides: tuple = ()  # (key, value) pairs
+
+    @property
+    def name(self) -> str:
+        return self.output.name
+
+
+class Problems(list):
+    """Problems found before any work; raised together as one InputError."""
+
+    def raise_if_any(self, where: str) -> None:
+        if self:
+            lines = "\n".join(f"  {problem}" for problem in self)
+            raise InputError(f"{where}: {len(self)} problem{'s' * (len(self) > 1)}, nothing was started:\n{lines}")
+
+
+def default_output(ref: Path, pose: Path) -> str:
+    return f"{pose.stem}__{ref.stem}.mp4"
+
+
+def _listing(folder: Path, suffixes: set[str], what: str, problems: Problems) -> list[Path]:
+    if not folder.is_dir():
+        problems.append(f"{folder}: no such folder")
+        return []
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in suffixes)
+    if not files:
+        problems.append(f"{folder}: no {what} in it ({', '.join(sorted(suffixes))})")
+    return files
+
+
+def jobs_from_folders(refs: Path, poses: Path, outdir: Path, pairing: str = "all") -> list[Job]:
+    """Every reference with every clip, or (`pairing="name"`) each reference with the clip of the same stem."""
+    problems = Problems()
+    ref_files = _listing(Path(refs), IMAGE_SUFFIXES, "images", problems)
+    pose_files = _listing(Path(poses), POSE_SUFFIXES, "videos or poses .npz", problems)
+    problems.raise_if_any("batch")
+    if pairing == "name":
+        by_stem = {p.stem: p for p in pose_files}
+        pairs = [(ref, by_stem[ref.stem]) for ref in ref_files if ref.stem in by_stem]
+        if not pairs:
+            raise InputError(f"--pairing name: no reference in {refs} has the stem of a clip in {poses}")
+    elif pairing == "all":
+        pairs = [(ref, pose) for pose in pose_files for ref in ref_files]
+    else:
+        raise InputError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
+    jobs = [Job(i, ref, pose, Path(outdir) / default_output(ref, pose)) for i, (ref, pose) in enumerate(pairs)]
+    _check_unique_outputs(jobs, problems)
+    problems.raise_if_any("batch")
+    return jobs
+
+
+def _read_manifest(path: Path) -> list[dict]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    if path.suffix.lower() == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        return [{k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in row.items() if k is not None
+                 and v not in ("", None)} for row in rows]
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise InputError(f"{path}: not valid YAML ({e})") from None
+        data = data.get("jobs") if isinstance(data, dict) else data
+        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
+            raise InputError(f"{path}: expected a list of jobs (mappings with ref and pose), or jobs: [...]")
+        return data
+    raise InputError(f"{path}: a manifest is .csv, .yaml or .yml")
+
+
+def _convert(key: str, value):
+    kind = JOB_OVERRIDES[key]
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    return kind(value)
+
+
+def jobs_from_manifest(path, outdir: Path) -> list[Job]:
+    """One job per row: `ref`, `pose`, optional `output` (relative to OUTDIR) and overrides.
+    Relative paths are relative to the manifest's folder."""
+    path = Path(path)
+    rows = _read_manifest(path)
+    if not rows:
+        raise InputError(f"{path}: no jobs in it")
+    problems = Problems()
+    jobs = []
+    for number, row in enumerate(rows, start=1):
+        where = f"job {number}"
+        unknown = sorted(set(map(str, row)) - MANIFEST_COLUMNS)
+        if unknown:
+            problems.append(f"{where}: unknown column {', '.join(map(repr, unknown))} "
+                            f"(known: ref, pose, output, {', '.join(JOB_OVERRIDES)})")
+        missing = [key for key in ("ref", "pose") if not row.get(key)]
+        if missing:
+            problems.append(f"{where}: no {' and no '.join(missing)}")
+            continue
+        files = {key: (path.parent / str(row[key])).resolve() if not Path(str(row[key])).is_absolute()
+                 else Path(str(row[key])) for key in ("ref", "pose")}
+        for key, file in files.items():
+            if not file.is_file():
+                problems.append(f"{where}: {key} {row[key]}: no such file")
+        overrides = {}
+        for key in JOB_OVERRIDES:
+            if key in row:
+                try:
+                    overrides[key] = _convert(key, row[key])
+                except (TypeError, ValueError):
+                    problems.append(f"{where}: {key} must be {JOB_OVERRIDES[key].__name__}, got {row[key]!r}")
+        output = Path(outdir) / str(row.get("output") or default_output(files["ref"], files["pose"]))
+        if output.suffix.lower() != ".mp4":
+            problems.append(f"{where}: output {output.name} must end in .mp4")
+        jobs.append(Job(number - 1, files["ref"], files["pose"], output, tuple(sorted(overrides.items()))))
+    _check_unique_outputs(jobs, problems)
+    problems.raise_if_any(str(path))
+    return jobs
+
+
+def _check_unique_outputs(jobs: list[Job], problems: Problems) -> None:
+    seen = {}
+    for job in jobs:
+        if job.output in seen:
+            problems.append(f"jobs {seen[job.output] + 1} and {job.index + 1} both write {job.output.name}")
+        seen.setdefault(job.output, job.index)
+
+
+def unreadable_inputs(jobs: list[Job]) -> dict[Path, str]:
+    """Files that exist but cannot be read, each with the reason; checked once per file."""
+    reasons = {}
+    for path in sorted({job.ref for job in jobs}):
+        try:
+            read_image(path)
+        except InputError as e:
+            reasons[path] = str(e)
+    for path in sorted({job.pose for job in jobs}):
+        try:
+            PoseSequence.load(path) if path.suffix.lower() == ".npz" else probe_video(path)
+        except InputError as e:
+            reasons[path] = str(e)
+    return reasons
+
+
+def split_jobs(jobs: list[Job], num_processes: int) -> list[list[Job]]:
+    """Jobs of one driving clip stay in one process (the clip is extracted once); clips go, largest
+    first, to the process with the fewest jobs. The same jobs always give the same split."""
+    by_clip: dict[Path, list[Job]] = {}
+    for job in jobs:
+        by_clip.setdefault(job.pose, []).append(job)
+    shares: list[list[Job]] = [[] for _ in range(num_processes)]
+    for clip_jobs in sorted(by_clip.values(), key=lambda group: (-len(group), str(group[0].pose))):
+        min(shares, key=len).extend(clip_jobs)
+    return [sorted(share, key=lambda job: job.index) for share in shares]
+
+
+def remove_leftovers(outdir: Path) -> list[Path]:
+    """Temporary files of a killed run (never a finished output)."""
+    leftovers = sorted(Path(outdir).glob(PART_GLOB))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
+@dataclasses.dataclass
+class Record:
+    job: int
+    ref: str
+    pose: str
+    output: str
+    status: str  # done, skipped, failed
+    error: str | None = None
+    frames: int | None = None
+    seconds: float = 0.0
+    process: int = 0
+
+
+def run_jobs(jobs: list[Job], run_one: Callable[[Job], int], overwrite: bool = False,
+             failed_inputs: dict[Path, str] | None = None, process: int = 0, progress: bool = True) -> list[Record]:
+    """Run each job (`run_one` returns its frame count); skip finished ones; record failures and go on."""
+    failed_inputs = failed_inputs or {}
+    records = []
+    bar = tqdm(jobs, desc=f"jobs (process {process})" if process else "jobs", unit="job", disable=not progress,
+               position=0)
+    for job in bar:
+        bar.set_postfix_str(job.name)
+        record = Record(job.index, str(job.ref), str(job.pose), str(job.output), "done", process=process)
+        bad = [failed_inputs[p] for p in (job.ref, job.pose) if p in failed_inputs]
+        started = time.perf_counter()
+        if bad:
+            record.status, record.error = "failed", bad[0]
+        elif job.output.exists() and not overwrite:
+            record.status = "skipped"
+        else:
+            try:
+                record.frames = run_one(job)
+            except InputError as e:
+                record.status, record.error = "failed", str(e)
+            except Exception as e:  # one job's fault (a bad file, a model error) must not stop the batch
+                logger.debug("job %d failed", job.index + 1, exc_info=True)
+                record.status, record.error = "failed", f"{type(e).__name__}: {e}"
+                _free_device_memory()
+        record.seconds = round(time.perf_counter() - started, 3)
+        if record.status == "failed":
+            tqdm.write(f"job {job.index + 1} ({job.name}) failed: {record.error}")
+        records.append(record)
+    return records
+
+
+def _free_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_json(path: Path, data) -> Path:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    return publish(tmp, path)
+
+
+def part_report(outdir: Path, process: int, num_processes: int) -> Path:
+    return Path(outdir) / f".report.{process}-of-{num_processes}.json"
+
+
+def merge_reports(outdir: Path, num_processes: int, seconds: float) -> dict:
+    """report.json from every process's part (the parts are removed)."""
+    records = []
+    for process in range(num_processes):
+        part = part_report(outdir, process, num_processes)
+        if part.is_file():
+            records += json.loads(part.read_text())
+    records.sort(key=lambda r: r["job"])
+    counts = {status: sum(r["status"] == status for r in records) for status in ("done", "skipped", "failed")}
+    report = {"summary": {"jobs": len(records), **counts, "processes": num_processes, "seconds": round(seconds, 3)},
+              "jobs": records}
+    write_json(Path(outdir) / REPORT, report)
+    for process in range(num_processes):
+        part_report(outdir, process, num_processes).unlink(missing_ok=True)
+    return report
+
+
+def format_table(records: list[dict]) -> str:
+    """A plain-text table of the report's jobs."""
+    header = ("job", "status", "frames", "seconds", "output / error")
+    rows = [(str(r["job"] + 1), r["status"], "" if r["frames"] is None else str(r["frames"]),
+             f"{r['seconds']:.1f}", r["error"] if r["status"] == "failed" else Path(r["output"]).name)
+            for r in records]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4]
+             for row in [header, *rows]]
+    return "\n".join(lines)
+
+
+def prepare_outdir(outdir: Path) -> Path:
+    """Create OUTDIR if needed and prove it writable before any work."""
+    from pose.video import check_writable
+
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise InputError(f"{outdir}: exists and is not a folder")
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{outdir}: cannot create the output folder ({e.strerror or e})") from None
+    check_writable(outdir / REPORT)
+    return outdir
+
+
+def job_overrides(job: Job) -> dict:
+    overrides = dict(job.overrides)
+    if "guidance" in overrides:
+        guidance = overrides.pop("guidance")
+        overrides.setdefault("min_guidance", guidance)
+        overrides.setdefault("max_guidance", guidance)
+    return overrides
+
+
+def pose_cache_state(job: Job, config, cache, detector) -> str:
+    """'cached', 'to extract', or 'npz' (no extraction) for a job's driving clip."""
+    from pose.cache import cache_key, file_digest
+    from pose.extract import ExtractSettings
+
+    if job.pose.suffix.lower() == ".npz":
+        return "npz"
+    if cache is None:
+        return "to extract"
+    config = config.replace(**job_overrides(job))
+    settings = ExtractSettings(stride=config.stride, max_frames=config.max_frames)
+    key = cache_key(file_digest(job.pose), detector.name, detector.settings(), dataclasses.asdict(settings))
+    return "cached" if cache.path(key).is_file() else "to extract"
+
+
+def dry_run_listing(jobs: list[Job], config, args, unreadable: dict[Path, str]) -> str:
+    from pose.cache import PoseCache
+    from pose.detect import load_detector
+
+    cache = None if args.no_cache else PoseCache(args.cache_dir)
+    lines = []
+    counts = {"run": 0, "skip": 0, "fail": 0}
+    with load_detector(config.detector, dwpose_dir=args.dwpose_dir) as detector:
+        for job in jobs:
+            if job.ref in unreadable or job.pose in unreadable:
+                action = "fail"
+            else:
+                action = "skip" if job.output.exists() and not args.overwrite else "run"
+            counts[action] += 1
+            poses = "-" if job.pose in unreadable else pose_cache_state(job, config, cache, detector)
+            extra = " ".join(f"{k}={v}" for k, v in job.overrides)
+            lines.append(f"{job.index + 1:>4}  {action:<4}  poses {poses:<10}  {job.ref.name} + {job.pose.name} -> "
+                         f"{job.output}{'  ' + extra if extra else ''}")
+    lines.append(f"{len(jobs)} jobs: {counts['run']} to run, {counts['skip']} already done (skipped), "
+                 f"{counts['fail']} with unreadable inputs")
+    return "\n".join(lines)
+
+
+def run_batch_process(jobs: list[Job], config, args, unreadable: dict[Path, str], label: str = "") -> int:
+    """This process's share of the jobs; the main process then merges the report and prints it."""
+    import torch
+    from accelerate import PartialState
+
+    from pose.cache import PoseCache
+
+    from .animate import Animator
+
+    started = time.perf_counter()
+    state = PartialState(cpu=not torch.cuda.is_available() or (args.device or "").startswith("cpu"))
+    outdir = Path(args.output)
+    if state.is_main_process:
+        for leftover in remove_leftovers(outdir):
+            logger.info("%s: removed (left by an interrupted run)", leftover)
+    state.wait_for_everyone()
+    share = split_jobs(jobs, state.num_processes)[state.process_index]
+    device = args.device or (str(state.device) if state.device.type == "cuda" else "cpu")
+    cache = None if args.no_cache else PoseCache(args.cache_dir)
+    progress = not args.quiet
+    with Animator(config, args.weights, device, cache, args.dwpose_dir, progress) as animator:
+        def run_one(job: Job) -> int:
+            return animator(job.ref, job.pose, job.output, args.side_by_side, **job_overrides(job)).frames
+
+        records = run_jobs(share, run_one, args.overwrite, unreadable, state.process_index, progress)
+    write_json(part_report(outdir, state.process_index, state.num_processes),
+               [dataclasses.asdict(record) for record in records])
+    state.wait_for_everyone()
+    failed = any(record.status == "failed" for record in records)
+    if state.is_main_process:
+        report = merge_reports(outdir, state.num_processes, time.perf_counter() - started)
+        summary = report["summary"]
+        print(format_table(report["jobs"]))
+        print(f"{outdir / REPORT}: {summary['jobs']} jobs, {summary['done']} done, {summary['skipped']} skipped, "
+              f"{summary['failed']} failed in {summary['seconds']:.1f} s{label}")
+        failed = summary["failed"] > 0
+    return 1 if failed else 0
+
+
+def launch_processes(num_processes: int, argv: list[str]) -> int:
+    """`--num-processes N`: run this command N times as one torch.distributed group (what
+    `accelerate launch` does), each on its share of the jobs and of the CPU threads."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    threads = max(1, (os.cpu_count() or 1) // num_processes)
+    children = []
+    for rank in range(num_processes):
+        env = {**os.environ, "WORLD_SIZE": str(num_processes), "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(num_processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+        children.append(subprocess.Popen([sys.executable, "-m", "svd_controlnext", *argv], env=env))
+    try:
+        codes = [child.wait() for child in children]
+    except KeyboardInterrupt:
+        for child in children:
+            child.terminate()
+        raise
+    return max(codes)
