@@ -10,7 +10,8 @@ Modes, measured side by side in one process, interleaved, each repeated (median)
 Prints one JSON object as its last line: `control_overhead` (median over repeats of ours / plain - 1,
 each pair timed back to back, which cancels the machine's slow drifts),
 `encoder_share` (the encoder alone / plain), `encoder_calls_per_step` and `encoder_frames_per_step`
-(counted by hooks), `time_ratio_vs_published`, and on CUDA the peak memory of each mode.
+(counted by hooks), `time_ratio_vs_published`, `encoder_flop_share` (encoder FLOPs / plain UNet FLOPs, counted
+on fake tensors, at this size and at 576x1024), and on CUDA the peak memory of each mode.
 Run: .venv/bin/python bench/step.py --quick          (CPU, 64x64, 4 frames)
      .venv/bin/python bench/step.py --device cuda --size 576x1024 --frames 24 --dtype fp16
 """
@@ -64,6 +65,23 @@ def make_inputs(frames: int, height: int, width: int, device, dtype):
         "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]] * 2, device=device, dtype=dtype),
         "poses": torch.rand(1, frames, 3, height, width, generator=generator).to(device, dtype),
     }
+
+
+def flop_share(width: int, height: int, frames: int = 2) -> float:
+    """Encoder FLOPs over the guidance-batch UNet's, counted on fake tensors (no memory, no compute)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet, encoder = full_unet(), full_pose_encoder()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        unet, encoder = unet.to_empty(device="cpu"), encoder.to_empty(device="cpu")
+        x = make_inputs(frames, height, width, "cpu", torch.float32)
+        with FlopCounterMode(display=False) as unet_flops:
+            unet(x["sample"], x["timestep"], x["encoder_hidden_states"], x["added_time_ids"])
+        with FlopCounterMode(display=False) as encoder_flops:
+            encoder(x["poses"], x["timestep"])
+    return encoder_flops.get_total_flops() / unet_flops.get_total_flops()
 
 
 def main():
@@ -148,6 +166,8 @@ def main():
         "encoder_calls_per_step": {"ours": calls["ours"][0], "published": calls["published"][0]},
         "encoder_frames_per_step": {"ours": calls["ours"][1], "published": calls["published"][1]},
         "time_ratio_vs_published": round(median["ours"] / median["published"], 4),
+        "encoder_flop_share": {f"{width}x{height}": round(flop_share(width, height), 4),
+                               "576x1024": round(flop_share(576, 1024), 4)},
     }
     if peaks:
         result["peak_memory_gib"] = {mode: round(value, 3) for mode, value in peaks.items()}

@@ -2,8 +2,9 @@
 
 A sibling of diffusers' `StableVideoDiffusionPipeline`, whose helpers it reuses (image embedding,
 VAE conditioning latent, time ids, latents, decoding). What it adds to the denoising loop:
-- pose control: the encoder runs once per step and window on the conditional frames only, and its
-  features are added at the configured UNet site (see `injection.py`); `control_scale` really scales;
+- pose control: at each step the encoder runs on the conditional frames only, once per frame (frames
+  shared by overlapping windows are not encoded twice), and its features are added at the configured
+  UNet site (see `injection.py`); `control_scale` really scales;
 - long videos: overlapping windows planned by `windows.py`, each stepped from the same sigma, fused
   with position weights (or the published uniform mean), one noise tensor for the whole video.
 With no encoder (or `control_scale=0`) and a single window it computes exactly what the diffusers
@@ -37,7 +38,8 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
                          feature_extractor=feature_extractor)
         self.register_modules(pose_encoder=pose_encoder)
         self._injector = None
-        self.control_calls = 0  # pose-encoder calls of the last run (one per step and window)
+        self.control_calls = 0  # pose-encoder calls of the last run (at most one per step and window)
+        self.control_frames = 0  # frames those calls encoded
 
     def _control_injector(self) -> ControlInjector | None:
         if self.pose_encoder is None:
@@ -148,7 +150,7 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         self._guidance_scale = _append_dims(guidance.unsqueeze(0), latents.ndim)
         window_image_latents = image_latents.unsqueeze(1).repeat(1, length, 1, 1, 1)
         injector = self._control_injector()
-        self.control_calls = 0
+        self.control_calls = self.control_frames = 0
 
         # 5. Denoising loop: every window steps from the same sigma, then the windows are fused
         self._num_timesteps = len(timesteps)
@@ -156,11 +158,13 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
             with self.progress_bar(total=len(timesteps) * len(windows)) as progress_bar:
                 for i, t in enumerate(timesteps):
                     fused = torch.zeros_like(latents)
+                    previous = {}  # this step's control features of the previous window, by frame
                     for (start, end), weight in zip(windows, weights):
                         self.scheduler._step_index = i  # each window takes the same step
                         if injector is not None:
-                            injector.set(self._window_control(poses, start, end, t, reference_pose_in_every_window),
-                                         control_scale)
+                            control, previous = self._window_control(poses, start, end, t,
+                                                                     reference_pose_in_every_window, previous)
+                            injector.set(control, control_scale)
                         window = latents[:, start:end]
                         model_input = torch.cat([window] * 2) if self.do_classifier_free_guidance else window
                         model_input = self.scheduler.scale_model_input(model_input, t)
@@ -194,13 +198,24 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
             return frames
         return StableVideoDiffusionPipelineOutput(frames=frames)
 
-    def _window_control(self, poses, start, end, t, reference_first) -> torch.Tensor | None:
+    def _window_control(self, poses, start, end, t, reference_first, previous):
+        """The window's control features, and them by frame for the next window. Without temporal
+        layers each frame's features depend on that frame and `t` only, so frames shared with the
+        previous window (the overlap) are not encoded again."""
         if poses is None:
-            return None
-        window = poses[:, start:end]
+            return None, {}
+        frames = list(range(start, end))
         if reference_first and start > 0:
-            window = torch.cat([poses[:, :1], window[:, 1:]], dim=1)
-        window = window.to(device=self._execution_device)
-        window = window.float() / 255.0 if window.dtype == torch.uint8 else window
-        self.control_calls += 1
-        return self.pose_encoder(window.to(self.pose_encoder.dtype), t)
+            frames[0] = 0
+        reuse = previous if not self.pose_encoder.config.temporal_layers else {}
+        missing = [frame for frame in frames if frame not in reuse]
+        encoded = {}
+        if missing:
+            window = poses[:, missing].to(device=self._execution_device)
+            window = window.float() / 255.0 if window.dtype == torch.uint8 else window
+            features = self.pose_encoder(window.to(self.pose_encoder.dtype), t)
+            encoded = dict(zip(missing, features))
+            self.control_calls += 1
+            self.control_frames += len(missing)
+        by_frame = {frame: encoded[frame] if frame in encoded else reuse[frame] for frame in frames}
+        return torch.stack([by_frame[frame] for frame in frames]), by_frame

@@ -63,6 +63,7 @@ def test_windows_cover_a_longer_video(components):
                   **call_kwargs(num_frames=7, output_type="np")).frames
     assert frames.shape == (1, 7, SIZE, SIZE, 3) and np.isfinite(frames).all()
     assert pipe.control_calls == STEPS * 3  # windows (0,4) (2,6) (3,7)
+    assert pipe.control_frames == STEPS * 7  # 4 + 2 + 1: overlapping frames are encoded once per step
     published = pipe(reference_image(), pose_frames(7), window_size=4, window_overlap=2, fusion="uniform",
                      reference_pose_in_every_window=True, **call_kwargs(num_frames=7, output_type="np")).frames
     assert published.shape == frames.shape and not np.allclose(published, frames)
@@ -134,3 +135,25 @@ def test_compiled_unet_has_no_graph_break_and_no_recompile():
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_overlap_features_reused_equal_encoding_every_window(components):
+    """An encoder with (zero-initialised, so identity) temporal layers must encode every window in
+    full; its frames equal those of the plain encoder, which encodes each frame once per step."""
+    from svd_controlnext.tiny import tiny_pose_encoder
+
+    temporal = tiny_pose_encoder(temporal_layers=True)
+    temporal.load_state_dict(components["pose_encoder"].state_dict(), strict=False)
+    kwargs = dict(window_size=4, window_overlap=2, **call_kwargs(num_frames=7, output_type="latent"))
+    reused = ControlNeXtSVDPipeline(**components)
+    once = reused(reference_image(), pose_frames(7), **kwargs).frames
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    every = ControlNeXtSVDPipeline(**{**components, "pose_encoder": temporal})
+    full = every(reference_image(), pose_frames(7), **kwargs).frames
+    assert (reused.control_frames, every.control_frames) == (STEPS * 7, STEPS * 12)
+    torch.testing.assert_close(once, full, rtol=0, atol=1e-5)
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    published = reused(reference_image(), pose_frames(7), reference_pose_in_every_window=True, **kwargs).frames
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    published_full = every(reference_image(), pose_frames(7), reference_pose_in_every_window=True, **kwargs).frames
+    torch.testing.assert_close(published, published_full, rtol=0, atol=1e-5)
