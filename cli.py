@@ -1,8 +1,8 @@
 """The `svd-animate` command.
 
 Sub-commands: `animate` (the default: `svd-animate --ref img.png --pose dance.mp4`), `batch` (many
-references x many clips), `pose` (driving video -> aligned skeletons), `convert` (published checkpoints
--> diffusers-style folder).
+references x many clips), `pose` (driving video -> aligned skeletons), `prepare-data` and `train`
+(fine-tuning), `convert` (published checkpoints -> diffusers-style folder).
 """
 
 from __future__ import annotations
@@ -34,17 +34,19 @@ def _seconds(text: str) -> float:
     return value
 
 
-def add_pose_source_options(p, align_default: str) -> None:
-    """Options shared by every command that extracts poses: backend, alignment, cache."""
+def add_pose_source_options(p, align_default: str | None) -> None:
+    """Options shared by every command that extracts poses: backend, alignment (unless
+    `align_default` is None), cache."""
     from pose.align import ALIGN_METHODS
     from pose.detect import DETECTORS
 
     p.add_argument("--detector", choices=DETECTORS,
                    help="pose backend (default: auto = DWPose if its weights are available here, else MediaPipe)")
     p.add_argument("--dwpose-dir", type=Path, help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx")
-    p.add_argument("--align", choices=[*ALIGN_METHODS, "none"],
-                   help="ls: the published least-squares fit; bones: ls plus the reference's limb lengths; "
-                        f"none: keep the driving positions (default: {align_default})")
+    if align_default is not None:
+        p.add_argument("--align", choices=[*ALIGN_METHODS, "none"],
+                       help="ls: the published least-squares fit; bones: ls plus the reference's limb lengths; "
+                            f"none: keep the driving positions (default: {align_default})")
     p.add_argument("--cache-dir", type=Path, help="pose cache folder (default: $SVD_ANIMATE_CACHE or "
                                                   "~/.cache/svd-animate/poses)")
     p.add_argument("--no-cache", action="store_true", help="extract again even when the cache has these poses")
@@ -252,7 +254,9 @@ def run_batch(args) -> int:
     if args.jobs is None and (args.refs is None or args.poses is None):
         raise InputError("--refs and --poses go together")
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ and not args.dry_run:
-        return batch.launch_processes(args.num_processes, sys.argv[1:] if args.argv is None else args.argv)
+        from svd_controlnext.launch import launch_processes
+
+        return launch_processes(args.num_processes, sys.argv[1:] if args.argv is None else args.argv)
     config = config_from_args(args)
     outdir = args.output
     if args.jobs is not None:
@@ -267,6 +271,82 @@ def run_batch(args) -> int:
         print(batch.dry_run_listing(jobs, config, args, unreadable))
         return 0
     return batch.run_batch_process(jobs, config, args, unreadable, label=random_weights_label(config))
+
+
+def add_prepare_data_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prepare-data", help="extract the poses of a folder of dance clips for training",
+        description="Extract every clip's poses once (through the pose cache) into DATASET/poses/*.npz and write "
+                    "DATASET/dataset.json, the input of `svd-animate train --data DATASET`. Nothing is rendered: "
+                    "skeletons are drawn on the fly at the training size. Clips that fail are listed and skipped.",
+    )
+    p.add_argument("--videos", required=True, type=Path, help="folder of training videos")
+    p.add_argument("-o", "--output", required=True, type=Path, help="dataset folder")
+    p.add_argument("--max-frames", type=_positive_int, help="keep at most N frames of each clip")
+    add_pose_source_options(p, align_default=None)
+    p.set_defaults(run=run_prepare_data)
+
+
+def run_prepare_data(args) -> int:
+    from pose.cache import PoseCache
+    from pose.detect import load_detector
+    from svd_controlnext.train.data import prepare_dataset
+
+    cache = None if args.no_cache else PoseCache(args.cache_dir)
+    with load_detector(args.detector or "auto", dwpose_dir=args.dwpose_dir) as detector:
+        manifest = prepare_dataset(args.videos, args.output, detector, cache, args.max_frames,
+                                   progress=not args.quiet)
+    for skipped in manifest["skipped"]:
+        print(f"skipped: {skipped['reason']}")
+    frames = sum(clip["frames"] for clip in manifest["clips"])
+    print(f"{args.output}: {len(manifest['clips'])} clips, {frames} frames with poses, "
+          f"{len(manifest['skipped'])} skipped")
+    return 0
+
+
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="fine-tune the pose encoder (and optionally the UNet) with accelerate",
+        description="Train from a YAML config (configs/train/: tiny, controlnext-svd-v2; or your own file with the "
+                    "keys of svd_controlnext/train/config.py; unknown keys refused). Checkpoints go to "
+                    "RUN/checkpoints/, validation videos to RUN/validation/, TensorBoard logs to RUN/logs/, and the "
+                    "trained weights to RUN/final/ (use with `svd-animate --weights RUN/final`).",
+    )
+    p.add_argument("--config", default="controlnext-svd-v2", help="training config name or YAML file")
+    p.add_argument("--data", type=Path, help="dataset folder (prepare-data's, or the published meta_info.json layout)")
+    p.add_argument("--output-dir", type=Path, help="run folder")
+    p.add_argument("--max-steps", type=_positive_int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--trainable", help="encoder, encoder+unet-subset, encoder+unet or lora")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", help="`latest` (the newest checkpoint in the run folder) or a checkpoint folder")
+    p.add_argument("--num-processes", type=_positive_int, default=1,
+                   help="data-parallel over N processes (one per GPU; gloo on CPU); or use `accelerate launch "
+                        "--multi_gpu --num_processes N -m svd_controlnext train ...`")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    import os
+
+    from svd_controlnext.train.config import load_train_config
+
+    config = load_train_config(args.config).replace(
+        data=str(args.data) if args.data else None, output_dir=str(args.output_dir) if args.output_dir else None,
+        max_steps=args.max_steps, learning_rate=args.learning_rate, trainable=args.trainable,
+        mixed_precision=args.mixed_precision, seed=args.seed).check()
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        from svd_controlnext.launch import launch_processes
+
+        return launch_processes(args.num_processes, sys.argv[1:] if args.argv is None else args.argv)
+    from svd_controlnext.train.trainer import train
+
+    result = train(config, resume=args.resume, progress=not args.quiet)
+    if result.export_dir is not None:
+        last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+        print(f"{result.export_dir}: trained weights after {result.steps} steps{last}")
+    return 0
 
 
 def add_convert_parser(subparsers) -> None:
@@ -304,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_animate_parser(subparsers)
     add_batch_parser(subparsers)
     add_pose_parser(subparsers)
+    add_prepare_data_parser(subparsers)
+    add_train_parser(subparsers)
     add_convert_parser(subparsers)
     for sub in subparsers.choices.values():
         sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -329,6 +411,7 @@ def main(argv=None) -> int:
     args.argv = argv
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(max(level, logging.WARNING))  # its per-file INFO lines drown ours
     warnings.filterwarnings("ignore", module="google.protobuf")
     try:
         return args.run(args)

@@ -82,6 +82,8 @@ def load_pipeline(config: AnimateConfig, weights: Path | None, device: str, dtyp
         from .tiny import tiny_components
 
         components = tiny_components(config.seed)
+        if weights is not None:  # e.g. a tiny training run's RUN/final
+            components.update(trained_components(weights))
         pipe = ControlNeXtSVDPipeline(**components)
     else:
         from .weights import load_pose_encoder
@@ -111,6 +113,20 @@ def load_pipeline(config: AnimateConfig, weights: Path | None, device: str, dtyp
     if config.compile:
         pipe.unet.compile()  # in place: the control hook is traced with it, no graph break
     return pipe
+
+
+def trained_components(folder: Path) -> dict:
+    """pose_encoder (and unet, when there is one) from a folder written by `convert` or `train`."""
+    from .weights import load_pose_encoder
+
+    if not (folder / "pose_encoder").is_dir():
+        raise InputError(f"{folder}: no pose_encoder/ in it (expected a folder from `svd-animate convert` or train)")
+    parts = {"pose_encoder": load_pose_encoder(folder)}
+    if (folder / "unet").is_dir():
+        from diffusers import UNetSpatioTemporalConditionModel
+
+        parts["unet"] = UNetSpatioTemporalConditionModel.from_pretrained(folder / "unet")
+    return parts
 
 
 def place_pipeline(pipe, device: str, offload: str = "none") -> None:

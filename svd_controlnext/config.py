@@ -51,16 +51,39 @@ class AnimateConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _check_type(name: str, value, annotation: str):
-    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}
+def _check_type(name: str, value, annotation: str, where: str):
+    expected = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[str]": list}
     allowed = [part.strip() for part in annotation.split("|")]
     if value is None and "None" in allowed:
         return
     for part in allowed:
         kind = expected.get(part)
         if kind is not None and isinstance(value, kind) and not (part in ("int", "float") and isinstance(value, bool)):
+            if part == "list[str]" and not all(isinstance(item, str) for item in value):
+                continue
             return
-    raise InputError(f"preset key {name!r} must be {annotation}, got {value!r}")
+    raise InputError(f"{where}: key {name!r} must be {annotation}, got {value!r}")
+
+
+def config_from_mapping(cls, values: dict, where: str):
+    """A config dataclass from a mapping; unknown keys and wrong types are refused by name."""
+    if not isinstance(values, dict):
+        raise InputError(f"{where}: must be a mapping of keys to values")
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key not in fields:
+            raise InputError(f"{where}: unknown key {key!r}")
+        annotation = fields[key] if isinstance(fields[key], str) else str(hints[key])
+        _check_type(key, value, annotation, where)
+    return cls(**values)
+
+
+def read_yaml(path: Path):
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML ({e})") from None
 
 
 def load_preset(name_or_path: str) -> AnimateConfig:
@@ -71,15 +94,4 @@ def load_preset(name_or_path: str) -> AnimateConfig:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise InputError(f"{name_or_path}: no such preset (built in: {known})")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise InputError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(values, dict):
-        raise InputError(f"{path}: a preset must be a mapping of keys to values")
-    fields = {f.name: f.type for f in dataclasses.fields(AnimateConfig)}
-    for key, value in values.items():
-        if key not in fields:
-            raise InputError(f"{path}: unknown preset key {key!r}")
-        _check_type(key, value, fields[key] if isinstance(fields[key], str) else typing.get_type_hints(AnimateConfig)[key])
-    return AnimateConfig(**values)
+    return config_from_mapping(AnimateConfig, read_yaml(path), f"{path}")

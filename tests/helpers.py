@@ -154,3 +154,37 @@ def build_pose_graph(path, height=384, width=288, keypoints=133) -> Path:
     model.ir_version = 8
     onnx.save(model, str(path))
     return Path(path)
+
+
+def make_training_dataset(folder, clips=3, frames=8, size=64):
+    """A dataset folder in `prepare-data`'s layout: clips of a white square moving right, and a
+    stick figure following it (written directly: no detector finds a person in a square)."""
+    import json
+
+    from pose.skeleton import PoseSequence
+
+    folder = Path(folder)
+    (folder / "poses").mkdir(parents=True, exist_ok=True)
+    entries = []
+    for c in range(clips):
+        video_frames, poses = [], []
+        for t in range(frames):
+            frame = np.zeros((size, size, 3), np.uint8)
+            x = (4 + 3 * t + 5 * c) % (size - 12)
+            frame[24:36, x:x + 12] = (255, 255 - 60 * c, 255)
+            video_frames.append(frame)
+            hand = np.full((2, 21, 2), np.nan, np.float32)
+            hand[0] = ((x + 6) / size, 30 / size)
+            cx = (x + 6) / size
+            body = {0: (cx, 0.1), 1: (cx, 0.25), 2: (cx - 0.15, 0.25), 3: (cx - 0.2, 0.45), 4: (cx - 0.2, 0.6),
+                    5: (cx + 0.15, 0.25), 6: (cx + 0.2, 0.45), 7: (cx + 0.2, 0.6), 8: (cx - 0.1, 0.6),
+                    9: (cx - 0.1, 0.8), 10: (cx - 0.1, 0.95), 11: (cx + 0.1, 0.6), 12: (cx + 0.1, 0.8),
+                    13: (cx + 0.1, 0.95)}
+            poses.append(make_pose(body, hands=hand))
+        video = write_clip(folder / f"clip{c}.mp4", video_frames, fps=10)
+        PoseSequence.stack(poses, size, size, fps=10).save(folder / "poses" / f"clip{c}.npz")
+        entries.append({"video": video.name, "poses": f"poses/clip{c}.npz", "frames": frames, "fps": 10.0,
+                        "width": size, "height": size})
+    (folder / "dataset.json").write_text(json.dumps({"format": "svd-animate.dataset", "version": 1,
+                                                     "clips": entries, "skipped": []}))
+    return folder

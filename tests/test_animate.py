@@ -23,8 +23,8 @@ def test_presets_and_overrides():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("steps: 3\nwindw: 8\n", "unknown preset key 'windw'"),
-    ("steps: three\n", "'steps' must be int"),
+    ("steps: 3\nwindw: 8\n", "unknown key 'windw'"),
+    ("steps: three\n", "key 'steps' must be int"),
     ("- a list\n", "must be a mapping"),
 ])
 def test_bad_preset_files(tmp_path, text, message):

@@ -1,0 +1,235 @@
+"""Training data: `prepare-data` (poses extracted once, nothing rendered) and the clip dataset.
+
+Our layout: DATASET/dataset.json lists each clip's video and its poses (.npz, all frames); skeleton
+frames are drawn on the fly at the training size. The published layout (a `meta_info.json` list of
+{video_path, guide_path} with pre-rendered pose videos) is read as it is.
+
+A sample, as published: a clip of `num_frames` frames `interval` apart at a random start; frame 0
+replaced (RGB and pose) by a random frame of the same video, which is also the reference image; a
+random crop to the target aspect, then a resize. Randomness comes from (seed, epoch, index), so a
+resumed run sees the same samples as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pose.align import apply_linear
+from pose.atomic import publish
+from pose.errors import InputError
+from pose.render import draw_pose
+from pose.skeleton import PoseSequence
+from pose.video import iter_frames, probe_video
+
+logger = logging.getLogger(__name__)
+
+DATASET_FILE = "dataset.json"
+PUBLISHED_FILE = "meta_info.json"
+FORMAT = {"format": "svd-animate.dataset", "version": 1}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"}
+
+
+# ---- prepare-data ------------------------------------------------------------------------------
+
+def prepare_dataset(videos_dir, output, detector, cache=None, max_frames: int | None = None,
+                    progress: bool = True) -> dict:
+    """Extract the poses of every video in `videos_dir` (through the pose cache) into
+    OUTPUT/poses/*.npz and write OUTPUT/dataset.json. Videos that fail are listed, not fatal."""
+    from pose.extract import ExtractSettings, extract_video
+
+    videos_dir, output = Path(videos_dir), Path(output)
+    if not videos_dir.is_dir():
+        raise InputError(f"{videos_dir}: no such folder")
+    videos = sorted(p for p in videos_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."))
+    if not videos:
+        raise InputError(f"{videos_dir}: no videos in it ({', '.join(sorted(VIDEO_SUFFIXES))})")
+    (output / "poses").mkdir(parents=True, exist_ok=True)
+    clips, skipped = [], []
+    for video in tqdm(videos, desc="prepare-data", unit="video", disable=not progress):
+        try:
+            poses = extract_video(video, detector, ExtractSettings(max_frames=max_frames), cache,
+                                  progress=progress).poses
+        except InputError as e:
+            skipped.append({"video": str(video), "reason": str(e)})
+            continue
+        pose_file = poses.save(output / "poses" / f"{video.stem}.npz")
+        clips.append({"video": str(video.resolve()), "poses": str(pose_file.relative_to(output)),
+                      "frames": len(poses), "fps": poses.fps, "width": poses.width, "height": poses.height})
+    if not clips:
+        reasons = "; ".join(s["reason"] for s in skipped)
+        raise InputError(f"{videos_dir}: no usable clip ({reasons})")
+    manifest = {**FORMAT, "clips": clips, "skipped": skipped}
+    tmp = output / f".{DATASET_FILE}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    publish(tmp, output / DATASET_FILE)
+    return manifest
+
+
+# ---- clips ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    video: Path
+    frames: int
+    poses: Path | None = None  # our layout
+    guide: Path | None = None  # the published layout: a rendered pose video
+
+
+def read_clips(dataset) -> list[Clip]:
+    """The clips of a dataset folder in either layout."""
+    dataset = Path(dataset)
+    if not dataset.is_dir():
+        raise InputError(f"{dataset}: no such dataset folder")
+    if (dataset / DATASET_FILE).is_file():
+        manifest = _read_json(dataset / DATASET_FILE)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT["format"]:
+            raise InputError(f"{dataset / DATASET_FILE}: not an svd-animate dataset manifest")
+        return [Clip(_resolve(dataset, c["video"]), int(c["frames"]), poses=_resolve(dataset, c["poses"]))
+                for c in manifest["clips"]]
+    if (dataset / PUBLISHED_FILE).is_file():
+        entries = _read_json(dataset / PUBLISHED_FILE)
+        if not isinstance(entries, list):
+            raise InputError(f"{dataset / PUBLISHED_FILE}: expected a list of {{video_path, guide_path}}")
+        clips = []
+        for entry in entries:
+            video, guide = _resolve(dataset, entry["video_path"]), _resolve(dataset, entry["guide_path"])
+            try:
+                frames = min(probe_video(video).num_frames, probe_video(guide).num_frames)
+            except InputError as e:
+                logger.warning("%s (skipped)", e)
+                continue
+            clips.append(Clip(video, frames, guide=guide))
+        return clips
+    raise InputError(f"{dataset}: has neither {DATASET_FILE} (from `svd-animate prepare-data`) nor {PUBLISHED_FILE}")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not readable JSON ({e})") from None
+
+
+def _resolve(root: Path, path: str) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else root / path
+
+
+# ---- pure helpers ----------------------------------------------------------------------------------
+
+def clip_span(num_frames: int, interval: int) -> int:
+    """Source frames one sample covers."""
+    return (num_frames - 1) * interval + 1
+
+
+def crop_box(width: int, height: int, target_w: int, target_h: int, rng: np.random.Generator):
+    """A random box (x, y, w, h) of the target's aspect ratio, as large as the frame allows."""
+    if width * target_h > height * target_w:  # too wide: crop the width
+        crop_w, crop_h = max(1, round(height * target_w / target_h)), height
+    else:
+        crop_w, crop_h = width, max(1, round(width * target_h / target_w))
+    x = int(rng.integers(0, width - crop_w + 1))
+    y = int(rng.integers(0, height - crop_h + 1))
+    return x, y, crop_w, crop_h
+
+
+def hand_weight_map(frame: dict, width: int, height: int, inside: float, margin: int = 10,
+                    min_score: float = 0.5) -> np.ndarray:
+    """(H, W) loss weights: `inside` within each confident hand's box (+ margin px), 1 elsewhere."""
+    weights = np.ones((height, width), np.float32)
+    for points, scores in zip(frame["hands"], frame["hands_score"]):
+        if not np.isfinite(points).any() or float(np.nanmean(scores)) <= min_score:
+            continue
+        seen = points[np.isfinite(points).all(axis=1)] * (width, height)
+        x0, y0 = np.floor(seen.min(axis=0)).astype(int) - margin
+        x1, y1 = np.ceil(seen.max(axis=0)).astype(int) + margin
+        weights[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = inside
+    return weights
+
+
+# ---- the dataset -----------------------------------------------------------------------------------
+
+class PoseVideoDataset(torch.utils.data.Dataset):
+    """Samples of `num_frames` frames: pixels (F, 3, H, W) in [-1, 1], poses (F, 3, H, W) in [0, 1],
+    reference (3, H, W) in [-1, 1] (= frame 0), hand_weights (F, H, W)."""
+
+    def __init__(self, dataset, num_frames: int, interval: int, width: int, height: int, seed: int = 0,
+                 hand_loss_weight: float = 1.0):
+        clips = read_clips(dataset)
+        span = clip_span(num_frames, interval)
+        self.clips = [clip for clip in clips if clip.frames >= span]
+        self.too_short = len(clips) - len(self.clips)
+        if self.too_short:
+            logger.warning("%d of %d clips are shorter than %d frames (%d frames %d apart) and are skipped",
+                           self.too_short, len(clips), span, num_frames, interval)
+        if not self.clips:
+            raise InputError(f"{dataset}: no usable clip: {len(clips)} clips, {self.too_short} shorter than "
+                             f"{span} frames ({num_frames} frames {interval} apart)")
+        self.num_frames, self.interval, self.width, self.height = num_frames, interval, width, height
+        self.seed, self.hand_loss_weight = seed, hand_loss_weight
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def choose_frames(self, index: int) -> tuple[list[int], np.random.Generator]:
+        """Source frame indices of a sample (position 0: the reference frame)."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        clip = self.clips[index]
+        start = int(rng.integers(0, clip.frames - clip_span(self.num_frames, self.interval) + 1))
+        frames = [start + k * self.interval for k in range(self.num_frames)]
+        frames[0] = int(rng.integers(0, clip.frames))
+        return frames, rng
+
+    def __getitem__(self, index: int) -> dict:
+        clip = self.clips[index]
+        frames, rng = self.choose_frames(index)
+        rgb = _read_frames(clip.video, frames)
+        src_h, src_w = rgb[0].shape[:2]
+        x, y, crop_w, crop_h = crop_box(src_w, src_h, self.width, self.height, rng)
+        pixels = np.stack([_crop_resize(f, x, y, crop_w, crop_h, self.width, self.height) for f in rgb])
+        weights = np.ones((len(frames), self.height, self.width), np.float32)
+        if clip.poses is not None:
+            poses = PoseSequence.load(clip.poses).select(np.array(frames))
+            poses = apply_linear(poses, (src_w / crop_w, src_h / crop_h), (-x / crop_w, -y / crop_h),
+                                 self.width, self.height)
+            skeletons = np.stack([draw_pose(poses.frame(t), self.height, self.width) for t in range(len(frames))])
+            if self.hand_loss_weight != 1.0:
+                weights = np.stack([hand_weight_map(poses.frame(t), self.width, self.height, self.hand_loss_weight)
+                                    for t in range(len(frames))])
+        else:
+            guide = _read_frames(clip.guide, frames)
+            skeletons = np.stack([_crop_resize(f, x, y, crop_w, crop_h, self.width, self.height) for f in guide])
+        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return {
+            "pixels": pixels,
+            "poses": torch.from_numpy(skeletons).permute(0, 3, 1, 2).float() / 255.0,
+            "reference": pixels[0].clone(),
+            "hand_weights": torch.from_numpy(weights),
+            "index": index,
+        }
+
+
+def _crop_resize(frame, x, y, w, h, width, height):
+    return cv2.resize(frame[y:y + h, x:x + w], (width, height), interpolation=cv2.INTER_AREA)
+
+
+def _read_frames(video: Path, indices: list[int]) -> list[np.ndarray]:
+    """The frames at `indices` (any order, repeats allowed), decoding the video once up to the last."""
+    wanted = set(indices)
+    found = {}
+    for index, rgb in iter_frames(video, max_frames=max(indices) + 1):
+        if index in wanted:
+            found[index] = rgb
+    missing = wanted - set(found)
+    if missing:
+        raise InputError(f"{video}: has fewer frames than its manifest says (no frame {min(missing)})")
+    return [found[i] for i in indices]

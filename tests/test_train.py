@@ -1,0 +1,264 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+from pose.errors import InputError
+from svd_controlnext.train import trainer as trainer_module
+from svd_controlnext.train.config import TrainConfig, load_train_config
+from svd_controlnext.train.data import PoseVideoDataset, read_clips
+from svd_controlnext.train.trainer import train, training_loss
+from tests.helpers import make_training_dataset, square_frames, write_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one state per process; each in-process training run here starts its own."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_training_dataset(tmp_path_factory.mktemp("data"), clips=3, frames=8)
+
+
+def tiny_config(dataset, run, **changes) -> TrainConfig:
+    config = load_train_config("tiny").replace(data=str(dataset), output_dir=str(run), max_steps=4,
+                                               checkpoint_every=2, validate_every=100)
+    return config.replace(**changes)
+
+
+def run_cli(capsys, *args):
+    code = cli.main(["-q", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+def test_samples_shapes_reference_frame_and_determinism(dataset):
+    data = PoseVideoDataset(dataset, num_frames=4, interval=2, width=64, height=64, seed=3, hand_loss_weight=4.2)
+    sample = data[1]
+    assert sample["pixels"].shape == sample["poses"].shape == (4, 3, 64, 64)
+    assert sample["reference"].shape == (3, 64, 64) and sample["hand_weights"].shape == (4, 64, 64)
+    assert torch.equal(sample["reference"], sample["pixels"][0])  # frame 0 is the reference frame
+    assert -1 <= sample["pixels"].min() and sample["pixels"].max() <= 1 and 0 <= sample["poses"].min()
+    assert sample["poses"].max() > 0.5  # a skeleton is drawn
+    assert sample["hand_weights"].max() == pytest.approx(4.2)  # the left hand's box
+    frames, _ = data.choose_frames(1)
+    assert frames[1:] == [frames[1] + 2 * k for k in range(3)] and 0 <= frames[0] < 8
+    assert torch.equal(data[1]["pixels"], sample["pixels"])  # same (seed, epoch, index): same sample
+    data.epoch = 1
+    assert [data.choose_frames(i)[0] for i in range(3)] != [PoseVideoDataset(
+        dataset, 4, 2, 64, 64, seed=3).choose_frames(i)[0] for i in range(3)]
+
+
+def test_short_clips_skipped_and_counted(dataset, caplog):
+    data = PoseVideoDataset(dataset, num_frames=4, interval=2, width=64, height=64)
+    assert len(data) == 3 and data.too_short == 0
+    with pytest.raises(InputError, match=r"no usable clip: 3 clips, 3 shorter than 15 frames \(8 frames 2 apart\)"):
+        PoseVideoDataset(dataset, num_frames=8, interval=2, width=64, height=64)
+
+
+def test_published_layout(tmp_path):
+    frames = square_frames(10, 64, 64)
+    write_clip(tmp_path / "v.mp4", frames)
+    write_clip(tmp_path / "g.mp4", [255 - f for f in frames])
+    (tmp_path / "meta_info.json").write_text(json.dumps([{"video_path": "v.mp4", "guide_path": "g.mp4",
+                                                          "meta_info": "unused.json"}]))
+    clips = read_clips(tmp_path)
+    assert [(c.video.name, c.guide.name, c.frames) for c in clips] == [("v.mp4", "g.mp4", 10)]
+    sample = PoseVideoDataset(tmp_path, num_frames=3, interval=2, width=64, height=64)[0]
+    assert sample["poses"].shape == (3, 3, 64, 64) and sample["poses"].mean() > 0.8  # the inverted guide frames
+
+
+def test_prepare_data_on_real_clips(shared_data, tmp_path, capsys):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "a.mp4").symlink_to(shared_data / "driving_controlnext_v2_01.mp4")
+    (videos / "broken.mp4").write_bytes(b"not a video")
+    code, stdout, _ = run_cli(capsys, "prepare-data", "--videos", videos, "-o", tmp_path / "ds", "--max-frames", "6",
+                              "--cache-dir", tmp_path / "cache")
+    assert code == 0 and "1 clips, 6 frames with poses, 1 skipped" in stdout and "broken.mp4" in stdout
+    manifest = json.loads((tmp_path / "ds" / "dataset.json").read_text())
+    assert manifest["clips"][0]["frames"] == 6 and (tmp_path / "ds" / manifest["clips"][0]["poses"]).is_file()
+    sample = PoseVideoDataset(tmp_path / "ds", num_frames=3, interval=2, width=64, height=128)[0]
+    assert sample["pixels"].shape == (3, 3, 128, 64)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "broken.mp4").write_bytes(b"not a video")
+    code, _, stderr = run_cli(capsys, "prepare-data", "--videos", empty, "-o", tmp_path / "ds2")
+    assert code == 2 and "no usable clip" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+# ---- config --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ("learning_rat: 0.1\n", "unknown key 'learning_rat'"),
+    ("max_steps: ten\n", "key 'max_steps' must be int"),
+    ("unet_trainable: attn\n", "key 'unet_trainable' must be list"),
+    ("trainable: everything\n", "trainable must be one of encoder"),
+])
+def test_bad_configs_refused_before_any_model_loads(dataset, tmp_path, capsys, monkeypatch, text, message):
+    monkeypatch.setattr(trainer_module, "load_models", lambda config: pytest.fail("a model was loaded"))
+    path = tmp_path / "mine.yaml"
+    path.write_text("base_model: tiny\n" + text)
+    code, _, stderr = run_cli(capsys, "train", "--config", path, "--data", dataset, "--output-dir", tmp_path / "r")
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_8bit_adam_without_bitsandbytes(dataset, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(InputError, match="use_8bit_adam needs bitsandbytes"):
+        tiny_config(dataset, tmp_path, use_8bit_adam=True).check()
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+def fixed_batch_loss(encoder, unet, dataset) -> float:
+    """The loss of the first three samples at fixed noise levels and noise, averaged over 4 draws."""
+    from svd_controlnext.injection import ControlInjector
+    from svd_controlnext.tiny import tiny_components
+
+    parts = tiny_components(42)
+    data = PoseVideoDataset(dataset, 4, 1, 64, 64, seed=0)
+    batch = torch.utils.data.default_collate([data[i] for i in range(3)])
+    config = tiny_config(dataset, "unused", drop_image_embedding=0.0, drop_reference_from=0.0, drop_reference_to=0.0)
+    injector = ControlInjector(unet, "down_blocks.0", encoder.config.control_strength)
+    with torch.no_grad():
+        losses = [training_loss(batch, parts["vae"], parts["image_encoder"], unet, encoder, injector, config,
+                                torch.Generator().manual_seed(seed)).item() for seed in range(4)]
+    injector.remove()
+    return float(np.mean(losses))
+
+
+def test_tiny_training_lowers_the_loss_and_exports_loadable_weights(dataset, tmp_path, capsys):
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from svd_controlnext.encoder import PoseEncoder
+    from svd_controlnext.tiny import tiny_components, tiny_pose_encoder
+
+    run = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, "train", "--config", "tiny", "--data", dataset, "--output-dir", run,
+                              "--max-steps", "30")
+    assert code == 0 and "trained weights after 30 steps" in stdout
+    torch.manual_seed(42)
+    before = fixed_batch_loss(tiny_pose_encoder(), tiny_components(42)["unet"], dataset)
+    after = fixed_batch_loss(PoseEncoder.from_pretrained(run / "final" / "pose_encoder"),
+                             UNetSpatioTemporalConditionModel.from_pretrained(run / "final" / "unet"), dataset)
+    assert after < 0.7 * before, (before, after)
+    # The exported folder drives the main command.
+    code, stdout, _ = run_cli(capsys, "--ref", dataset / "clip0.mp4", "--pose", dataset / "poses" / "clip0.npz",
+                              "--preset", "tiny", "--weights", run / "final", "-o", tmp_path / "a.mp4")
+    assert code == 2  # the reference must be an image
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "ref.png"), np.full((64, 64, 3), 90, np.uint8))
+    code, stdout, _ = run_cli(capsys, "--ref", tmp_path / "ref.png", "--pose", dataset / "poses" / "clip0.npz",
+                              "--preset", "tiny", "--weights", run / "final", "-o", tmp_path / "a.mp4")
+    assert code == 0 and "8 frames" in stdout
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(dataset, tmp_path):
+    whole = train(tiny_config(dataset, tmp_path / "whole"), progress=False)
+    first = train(tiny_config(dataset, tmp_path / "split", max_steps=2), progress=False)
+    assert first.losses == pytest.approx(whole.losses[:2], abs=1e-6)
+    rest = train(tiny_config(dataset, tmp_path / "split"), resume="latest", progress=False)
+    assert rest.steps == 4 and len(rest.losses) == 2
+    assert rest.losses == pytest.approx(whole.losses[2:], abs=1e-5)
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+
+
+def test_bad_resumes(dataset, tmp_path):
+    with pytest.raises(InputError, match="the run folder .*nothing does not exist"):
+        train(tiny_config(dataset, tmp_path / "nothing"), resume="latest", progress=False)
+    train(tiny_config(dataset, tmp_path / "run", max_steps=2), progress=False)
+    with pytest.raises(InputError, match=r"made with another training config \(differs in: learning_rate\)"):
+        train(tiny_config(dataset, tmp_path / "run", learning_rate=0.5), resume="latest", progress=False)
+    with pytest.raises(InputError, match="not a checkpoint folder"):
+        train(tiny_config(dataset, tmp_path / "run"), resume=str(tmp_path), progress=False)
+
+
+def test_nan_loss_stops_naming_step_and_batch_and_keeps_the_last_checkpoint(dataset, tmp_path, monkeypatch):
+    real = trainer_module.edm_loss
+    calls = []
+
+    def nan_at_third(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(trainer_module, "edm_loss", nan_at_third)
+    with pytest.raises(InputError, match=r"loss is nan at step 3 \(batch: clip\d\.mp4\); stopped, the last good "
+                                         r"checkpoint is .*step-000002"):
+        train(tiny_config(dataset, tmp_path / "run"), progress=False)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.parametrize("mode", ["encoder", "encoder+unet-subset", "lora"])
+def test_what_trains_is_configuration(dataset, tmp_path, mode):
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from svd_controlnext.tiny import tiny_components
+
+    result = train(tiny_config(dataset, tmp_path / "run", trainable=mode, max_steps=2, ema=mode == "lora",
+                               validate_every=2), progress=False)
+    assert (result.export_dir / "pose_encoder" / "config.json").is_file()
+    assert (tmp_path / "run" / "validation" / "step-000002.mp4").stat().st_size > 0
+    base = tiny_components(42)["unet"].state_dict()
+    if mode == "encoder":
+        assert not (result.export_dir / "unet").exists()
+        return
+    trained = UNetSpatioTemporalConditionModel.from_pretrained(result.export_dir / "unet").state_dict()
+    assert trained.keys() == base.keys()  # LoRA merged into plain UNet weights
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    if mode == "encoder+unet-subset":
+        assert changed and all("to_out" in k for k in changed)
+    else:
+        assert changed and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out")) for k in changed)
+
+
+def test_losses_and_learning_rate_go_to_tensorboard(dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_config(dataset, tmp_path / "run", max_steps=3, warmup_steps=2), progress=False)
+    events = EventAccumulator(str(next((tmp_path / "run" / "logs").rglob("events.*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3]
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([5e-4, 1e-3, 1e-3])
+
+
+def test_two_processes_data_parallel(dataset, tmp_path):
+    command = [sys.executable, "-m", "svd_controlnext", "-q", "train", "--config", "tiny", "--data", str(dataset),
+               "--output-dir", str(tmp_path / "run"), "--max-steps", "2", "--num-processes", "2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("trained weights after 2 steps") == 1  # the main process exports
+    assert (tmp_path / "run" / "final" / "unet" / "config.json").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "trainer.json").is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_training(dataset, tmp_path):
+    plain = train(tiny_config(dataset, tmp_path / "a", max_steps=2), progress=False)
+    checkpointed = train(tiny_config(dataset, tmp_path / "b", max_steps=2, gradient_checkpointing=True),
+                         progress=False)
+    assert checkpointed.losses == pytest.approx(plain.losses, abs=1e-5)
+
+
+@pytest.mark.parametrize("changes", [{"mixed_precision": "bf16"}, {"gradient_accumulation": 2, "batch_size": 1}])
+def test_bf16_and_accumulation_run(dataset, tmp_path, changes):
+    result = train(tiny_config(dataset, tmp_path / "run", max_steps=2, **changes), progress=False)
+    assert result.steps == 2 and len(result.losses) == 2 and all(np.isfinite(result.losses))
