@@ -160,6 +160,10 @@ def add_generation_options(p) -> None:
     p.add_argument("--offload", choices=OFFLOAD_MODES,
                    help="keep models in CPU memory: model (each model moves to the GPU while it runs) or "
                         "sequential (each layer; slowest, least memory)")
+    p.add_argument("--low-vram", action="store_true", default=None,
+                   help="for GPUs with little memory: model offload and one-frame decode chunks")
+    p.add_argument("--decode-chunk", type=_positive_int,
+                   help="frames per VAE decode (default: as many as half the free memory allows, up to 16)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet (slow first step)")
     p.add_argument("--no-audio", dest="audio", action="store_false", default=None,
                    help="do not copy the driving clip's audio track")
@@ -175,7 +179,7 @@ def config_from_args(args):
         max_frames=args.max_frames, min_guidance=args.guidance, max_guidance=args.guidance,
         control_scale=args.control_scale, window=args.window, overlap=args.overlap, fusion=args.fusion,
         dtype=args.dtype, detector=args.detector, align=args.align, offload=args.offload, compile=args.compile,
-        audio=args.audio)
+        audio=args.audio, low_vram=args.low_vram, decode_chunk_size=args.decode_chunk)
     if args.published_sampling:
         config = config.replace(fusion="uniform", prepend_reference_pose=True, reference_pose_in_every_window=True)
     return config

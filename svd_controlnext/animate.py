@@ -30,7 +30,7 @@ from pose.video import AudioClip, VideoWriter, check_writable, has_audio, is_ima
 
 from .config import OFFLOAD_MODES, TINY, AnimateConfig
 from .decode import iter_decoded_frames
-from .memory import check_frames_fit
+from .memory import check_frames_fit, decode_chunk_for, free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def load_pipeline(config: AnimateConfig, weights: Path | None, device: str, dtyp
                              "no weights are reachable here: try --preset tiny") from None
     if config.base_model == TINY and dtype != torch.float32:
         pipe.to(dtype=dtype)
-    place_pipeline(pipe, device, config.offload)
+    place_pipeline(pipe, device, "model" if config.low_vram and config.offload == "none" else config.offload)
     if config.compile:
         pipe.unet.compile()  # in place: the control hook is traced with it, no graph break
     return pipe
@@ -221,7 +221,7 @@ def audio_for(pose_input: Path, poses: PoseSequence) -> AudioClip | None:
 
 
 # Settings that change which models are loaded or how; a batch job cannot override them.
-LOAD_KEYS = ("base_model", "control_weights", "unet_weights", "dtype", "offload", "compile", "detector")
+LOAD_KEYS = ("base_model", "control_weights", "unet_weights", "dtype", "offload", "compile", "low_vram", "detector")
 
 
 class Animator:
@@ -264,6 +264,16 @@ class Animator:
     def __exit__(self, *exc):
         self.close()
         return False
+
+    def decode_chunk(self, config: AnimateConfig) -> int:
+        """The configured decode chunk, or the largest that the free memory allows (1 under --low-vram)."""
+        if config.decode_chunk_size:
+            return config.decode_chunk_size
+        if config.low_vram:
+            return 1
+        free_host, free_device = free_memory(self.device)
+        free = free_device if torch.device(self.device).type != "cpu" else free_host
+        return decode_chunk_for(free, config.width, config.height, torch.finfo(self.dtype).bits // 8)
 
     def check(self, reference, pose_input, output, config: AnimateConfig, side_by_side: bool = False) -> None:
         """Every check that needs no model: files, size, and whether the video's length fits in memory."""
@@ -309,7 +319,7 @@ class Animator:
                 generator=generator, output_type="latent",
             ).frames
             with VideoWriter(output, fps=poses.fps, audio=audio) as writer:
-                decoded = iter_decoded_frames(pipe.vae, latents, config.decode_chunk_size, self.progress)
+                decoded = iter_decoded_frames(pipe.vae, latents, self.decode_chunk(config), self.progress)
                 for index, frame in enumerate(decoded):
                     writer.write(np.concatenate([pose_frames[index], frame], axis=1) if side_by_side else frame)
         except torch.cuda.OutOfMemoryError:

@@ -37,11 +37,12 @@ class AnimateConfig:
     fps_id: int = 7  # SVD's fps conditioning (the model sees fps_id - 1)
     motion_bucket_id: int = 127
     noise_aug_strength: float = 0.02
-    decode_chunk_size: int = 8
+    decode_chunk_size: int | None = None  # frames per VAE decode; None: sized to the free memory
     seed: int = 42
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     offload: str = "none"  # none, model (one model on the GPU at a time), sequential (one layer at a time)
     compile: bool = False  # torch.compile the UNet
+    low_vram: bool = False  # model offload + one-frame decode chunks: for GPUs with little memory
     audio: bool = True  # keep the driving clip's audio track
     detector: str = "auto"
     align: str = "ls"

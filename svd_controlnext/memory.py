@@ -63,3 +63,16 @@ def check_frames_fit(num_frames: int, width: int, height: int, dtype: torch.dtyp
         raise InputError(f"{num_frames} frames at {width}x{height} need about {need:.1f} GiB held for the whole "
                          f"video, more than {device} has free; at most {limit} frames fit here: use --max-frames "
                          f"{max(limit, 1)}, a larger --stride or a smaller size")
+
+
+# Decoding one more frame per chunk with the full SVD temporal VAE costs about 0.19 GiB at 256x256 in
+# fp32 (measured, shared/compat/diffusers_svd.md §5); it scales with the pixels and the dtype's size.
+DECODE_BYTES_PER_PIXEL_FP32 = 0.19 * 2**30 / (256 * 256)
+MAX_DECODE_CHUNK = 16
+
+
+def decode_chunk_for(free_bytes: int, width: int, height: int, dtype_bytes: int, share: float = 0.5) -> int:
+    """The largest decode chunk whose working memory fits in `share` of `free_bytes` (1 to 16 frames):
+    bigger chunks are not faster on a CPU, but use the GPU better."""
+    per_frame = DECODE_BYTES_PER_PIXEL_FP32 * width * height * dtype_bytes / 4
+    return int(max(1, min(MAX_DECODE_CHUNK, free_bytes * share // per_frame)))

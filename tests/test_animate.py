@@ -253,3 +253,14 @@ def test_offload_modes(device, offload, expected):
     assert pipe.calls == [expected]
     with pytest.raises(InputError, match="unknown offload mode 'gpu'"):
         place_pipeline(pipe, device, "gpu")
+
+
+def test_decode_chunk_choice(monkeypatch):
+    from svd_controlnext import animate as animate_module
+    from svd_controlnext.animate import Animator
+
+    monkeypatch.setattr(animate_module, "free_memory", lambda device: (2**30, 0))
+    animator = Animator(AnimateConfig(width=256, height=256, dtype="fp32"), device="cpu")
+    assert animator.decode_chunk(animator.config) == 2  # half of 1 GiB at 0.19 GiB a 256x256 frame
+    assert animator.decode_chunk(animator.config.replace(decode_chunk_size=5)) == 5
+    assert animator.decode_chunk(animator.config.replace(low_vram=True)) == 1

@@ -26,3 +26,14 @@ def test_too_many_frames_refused_with_the_length_that_fits():
     with pytest.raises(InputError, match=r"11 frames at 64x64 need about .* GiB .* at most 10 frames fit here: "
                                          r"use --max-frames 10"):
         check_frames_fit(11, 64, 64, torch.float32, "cpu", free=free)
+
+
+def test_decode_chunk_sized_to_free_memory():
+    from svd_controlnext.memory import decode_chunk_for
+
+    # 576x1024 fp16: 0.19 GiB x 9 (pixels vs 256x256) x 0.5 (half precision) = 0.855 GiB a frame;
+    # half of 20 GiB free / 0.855 = 11.7 -> 11 frames.
+    assert decode_chunk_for(20 * 2**30, 576, 1024, 2) == 11
+    assert decode_chunk_for(2**30, 256, 256, 4) == 2  # 0.5 GiB / 0.19 GiB
+    assert decode_chunk_for(10**6, 1024, 1024, 4) == 1  # never below one frame
+    assert decode_chunk_for(2**40, 64, 64, 4) == 16  # nor above 16
