@@ -172,13 +172,19 @@ def test_tiny_training_lowers_the_loss_and_exports_loadable_weights(dataset, tmp
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(dataset, tmp_path):
-    whole = train(tiny_config(dataset, tmp_path / "whole"), progress=False)
-    first = train(tiny_config(dataset, tmp_path / "split", max_steps=2), progress=False)
+    """A warm-up longer than the first leg and EMA make the LR schedule and the EMA state matter too."""
+    from safetensors.torch import load_file
+
+    whole = train(tiny_config(dataset, tmp_path / "whole", warmup_steps=3, ema=True), progress=False)
+    first = train(tiny_config(dataset, tmp_path / "split", max_steps=2, warmup_steps=3, ema=True), progress=False)
     assert first.losses == pytest.approx(whole.losses[:2], abs=1e-6)
-    rest = train(tiny_config(dataset, tmp_path / "split"), resume="latest", progress=False)
+    rest = train(tiny_config(dataset, tmp_path / "split", warmup_steps=3, ema=True), resume="latest", progress=False)
     assert rest.steps == 4 and len(rest.losses) == 2
     assert rest.losses == pytest.approx(whole.losses[2:], abs=1e-5)
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    ema = [load_file(tmp_path / run / "checkpoints" / "step-000004" / "ema.safetensors") for run in ("whole", "split")]
+    assert ema[0].keys() == ema[1].keys() and all(torch.allclose(ema[0][k], ema[1][k], atol=1e-6) for k in ema[0])
+    assert not list((tmp_path / "split" / "checkpoints").rglob("custom_checkpoint_*"))  # no pickle that runs code
 
 
 def test_bad_resumes(dataset, tmp_path):

@@ -254,20 +254,19 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
     if unet_trains:
         unet = prepared[1]
     optimizer, loader = prepared[-2], prepared[-1]
-    accelerator.register_for_checkpointing(lr_scheduler)
     ema = None
     if config.ema:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(parameters, decay=config.ema_decay)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     if len(loader) == 0:
         raise InputError(f"{config.data}: fewer clips ({len(dataset)}) than one batch per process "
                          f"({config.batch_size} x {accelerator.num_processes})")
 
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
+        load_extra_state(resume_dir, lr_scheduler, ema)
         logger.info("resumed from %s at step %d", resume_dir, start_step)
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
@@ -318,7 +317,7 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
             if step % config.log_every == 0:
                 accelerator.log({"loss": value, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
             if step % config.checkpoint_every == 0 or step == config.max_steps:
-                last_checkpoint = save_checkpoint(accelerator, run, step, config)
+                last_checkpoint = save_checkpoint(accelerator, run, step, config, lr_scheduler, ema)
             if step % config.validate_every == 0 and accelerator.is_main_process:
                 write_validation(run, step, models, accelerator.unwrap_model(encoder), accelerator.unwrap_model(unet),
                                  dataset, config, ema, parameters)
@@ -336,16 +335,38 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
     return TrainResult(step, losses, export_dir, loop_seconds)
 
 
-def save_checkpoint(accelerator, run: Path, step: int, config: TrainConfig) -> Path:
+def save_checkpoint(accelerator, run: Path, step: int, config: TrainConfig, lr_scheduler, ema=None) -> Path:
+    """accelerate's state (models as safetensors; optimiser and RNG states load with weights_only), plus
+    the LR schedule as JSON and the EMA weights as safetensors: nothing in a checkpoint can run code."""
+    from safetensors.torch import save_file
+
     folder = run / "checkpoints" / f"step-{step:06d}"
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
+        (folder / "lr_scheduler.json").write_text(json.dumps(lr_scheduler.state_dict()))
+        if ema is not None:
+            state = ema.state_dict()
+            shadow = state.pop("shadow_params")
+            save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, folder / "ema.safetensors")
+            (folder / "ema.json").write_text(json.dumps(state))
         state = {"step": step, "fingerprint": config.fingerprint(), "config": dataclasses.asdict(config)}
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1))  # written last: marks the folder complete
         for old in checkpoint_dirs(run)[:-config.checkpoints_to_keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return folder
+
+
+def load_extra_state(folder: Path, lr_scheduler, ema=None) -> None:
+    from safetensors.torch import load_file
+
+    lr_scheduler.load_state_dict(json.loads((folder / "lr_scheduler.json").read_text()))
+    if ema is not None:
+        if not (folder / "ema.safetensors").is_file():
+            raise InputError(f"{folder}: has no EMA weights (the run did not use ema)")
+        shadow = load_file(folder / "ema.safetensors")
+        state = json.loads((folder / "ema.json").read_text())
+        ema.load_state_dict({**state, "shadow_params": [shadow[str(i)] for i in range(len(shadow))]})
 
 
 def _with_ema(ema, parameters):
