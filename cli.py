@@ -267,7 +267,8 @@ def run_batch(args) -> int:
         jobs = batch.jobs_from_manifest(args.jobs, outdir)
     else:
         jobs = batch.jobs_from_folders(args.refs, args.poses, outdir, args.pairing)
-    batch.prepare_outdir(outdir)
+    if not args.dry_run:  # a dry run writes nothing, not even the folder
+        batch.prepare_outdir(outdir)
     unreadable = batch.unreadable_inputs(jobs)
     for path, reason in unreadable.items():
         logger.warning("%s (its jobs will be recorded as failed)", reason)

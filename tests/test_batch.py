@@ -203,6 +203,9 @@ def test_dry_run_lists_cache_and_skips(shared_data, folders, tmp_path, capsys):
     assert "run   poses to extract" in lines[2] and "dance__alice.mp4" in lines[2]
     assert lines[-1] == "6 jobs: 5 to run, 1 already done (skipped), 0 with unreadable inputs"
     assert sorted(p.name for p in out.iterdir()) == ["walk__bob.mp4"]  # a dry run writes nothing
+    code, _, _ = run(capsys, "batch", "--refs", refs, "--poses", poses, "-o", tmp_path / "new", *TINY, "--dry-run",
+                     "--cache-dir", tmp_path / "cache", "--align", "none")
+    assert code == 0 and not (tmp_path / "new").exists()
 
     code, stdout, _ = run(capsys, "animate", "--ref", refs / "alice.png", "--pose", clip, *TINY, "--max-frames",
                           "2", "--cache-dir", tmp_path / "cache", "--align", "none", "-o", tmp_path / "one.mp4")
