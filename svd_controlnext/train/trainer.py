@@ -248,12 +248,12 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                          num_workers=config.num_workers,
                                          generator=torch.Generator().manual_seed(config.seed))
-    trained = [encoder, unet] if unet_trains else [encoder]
-    prepared = accelerator.prepare(*trained, optimizer, loader)
+    prepared = accelerator.prepare(*([encoder, unet] if unet_trains else [encoder]), optimizer, loader)
     encoder = prepared[0]
     if unet_trains:
         unet = prepared[1]
     optimizer, loader = prepared[-2], prepared[-1]
+    trained = [encoder, unet] if unet_trains else [encoder]  # the wrapped models: no_sync while accumulating
     ema = None
     if config.ema:
         from diffusers.training_utils import EMAModel
@@ -285,7 +285,7 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
         dataset.epoch = epoch
         loader.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for micro, batch in enumerate(batches):
+        for batch in batches:
             encoder.train()
             if unet_trains:
                 unet.train()
