@@ -149,10 +149,14 @@ def is_pose_file(path: Path) -> bool:
 
 
 def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, detector: Callable[[], PoseDetector],
-                  cache: PoseCache | None, progress: bool = True) -> tuple[PoseSequence, np.ndarray]:
+                  cache: PoseCache | None, progress: bool = True,
+                  reference_pose: Callable[[Path], tuple[PoseSequence, np.ndarray]] | None = None,
+                  ) -> tuple[PoseSequence, np.ndarray]:
     """Driving poses in the reference's frame (the reference's own pose first when the config asks
     for the published layout), and the reference image. `detector()` gives the pose detector; it is
-    only called when a pose has to be detected."""
+    only called when a pose has to be detected. `reference_pose(path)` may stand in for detecting
+    the reference (a batch detects each reference once)."""
+    reference_pose = reference_pose or (lambda path: detect_reference(path, detector()))
     if is_pose_file(pose_input):
         poses = PoseSequence.load(pose_input)
         if poses.meta.get("align", {}).get("method") in (None, "none"):
@@ -161,12 +165,12 @@ def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, dete
             poses = poses.select(slice(0, config.max_frames))
         if not config.prepend_reference_pose:
             return poses, read_image(reference)
-        ref_pose, image = detect_reference(reference, detector())
+        ref_pose, image = reference_pose(reference)
         return prepend_pose(poses, ref_pose), image
 
     settings = ExtractSettings(stride=config.stride, max_frames=config.max_frames)
     if config.align != "none" or config.prepend_reference_pose:
-        ref_pose, image = detect_reference(reference, detector())
+        ref_pose, image = reference_pose(reference)
     else:
         ref_pose, image = None, read_image(reference)
     poses = extract_video(pose_input, detector(), settings, cache, progress=progress).poses
@@ -239,6 +243,7 @@ class Animator:
         self.progress = progress
         self._pipe = None
         self._detector = None
+        self._references: dict[tuple[Path, int], tuple[PoseSequence, np.ndarray]] = {}
         self._resources = contextlib.ExitStack()
 
     def detector(self) -> PoseDetector:
@@ -246,6 +251,13 @@ class Animator:
             self._detector = self._resources.enter_context(load_detector(self.config.detector,
                                                                          dwpose_dir=self.dwpose_dir))
         return self._detector
+
+    def reference_pose(self, path: Path) -> tuple[PoseSequence, np.ndarray]:
+        """The reference's pose and image, detected once per file version for all the jobs using it."""
+        key = (path.resolve(), path.stat().st_mtime_ns)
+        if key not in self._references:
+            self._references[key] = detect_reference(path, self.detector())
+        return self._references[key]
 
     def pipeline(self):
         if self._pipe is None:
@@ -299,7 +311,8 @@ class Animator:
         self.check(reference, pose_input, output, config, side_by_side)
         width, height = config.width, config.height
 
-        poses, image = prepare_poses(pose_input, reference, config, self.detector, self.cache, self.progress)
+        poses, image = prepare_poses(pose_input, reference, config, self.detector, self.cache, self.progress,
+                                     self.reference_pose)
         check_frames_fit(len(poses), width, height, self.dtype, self.device, side_by_side)
         reference_image = crop_reference(image, width, height)
         poses = crop_poses(poses, width, height)

@@ -264,3 +264,22 @@ def test_decode_chunk_choice(monkeypatch):
     assert animator.decode_chunk(animator.config) == 2  # half of 1 GiB at 0.19 GiB a 256x256 frame
     assert animator.decode_chunk(animator.config.replace(decode_chunk_size=5)) == 5
     assert animator.decode_chunk(animator.config.replace(low_vram=True)) == 1
+
+
+def test_each_reference_is_detected_once_for_many_jobs(inputs, tmp_path, monkeypatch):
+    from svd_controlnext import animate as animate_module
+    from svd_controlnext.animate import Animator
+
+    calls = []
+
+    def detect(path, detector):
+        calls.append(path)
+        return (PoseSequence.stack([make_pose({0: (0.5, 0.3), 1: (0.5, 0.4)})], 64, 64, fps=1),
+                np.full((64, 64, 3), 128, np.uint8))
+
+    monkeypatch.setattr(animate_module, "detect_reference", detect)
+    monkeypatch.setattr(Animator, "detector", lambda self: None)
+    config = load_preset("tiny").replace(prepend_reference_pose=True, steps=1)
+    with Animator(config, progress=False) as animator:
+        results = [animator(inputs["ref"], inputs["poses"], tmp_path / name) for name in ("a.mp4", "b.mp4")]
+    assert [r.frames for r in results] == [4, 4] and calls == [inputs["ref"]]  # 3 poses + the reference's

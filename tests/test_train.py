@@ -138,7 +138,7 @@ def fixed_batch_loss(encoder, unet, dataset) -> float:
     config = tiny_config(dataset, "unused", drop_image_embedding=0.0, drop_reference_from=0.0, drop_reference_to=0.0)
     injector = ControlInjector(unet, "down_blocks.0", encoder.config.control_strength)
     with torch.no_grad():
-        losses = [training_loss(batch, parts["vae"], parts["image_encoder"], unet, encoder, injector, config,
+        losses = [training_loss(batch, parts, unet, encoder, injector, config,
                                 torch.Generator().manual_seed(seed)).item() for seed in range(4)]
     injector.remove()
     return float(np.mean(losses))

@@ -34,8 +34,6 @@ from .objective import conditioning_dropout, edm_loss, latent_weights, sample_si
 
 logger = logging.getLogger(__name__)
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ADDED_TIME_IDS = (6.0, 127.0, 0.02)  # fps 7 - 1, motion bucket 127, noise augmentation 0.02 (published)
 REFERENCE_NOISE = 0.02
 STATE_FILE = "trainer.json"
@@ -107,22 +105,24 @@ def select_trainable(config: TrainConfig, unet, encoder) -> list[torch.nn.Parame
     return [p for p in [*encoder.parameters(), *unet.parameters()] if p.requires_grad]
 
 
-def clip_embeddings(image_encoder, images: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] -> CLIP image embeddings (B, 1, D), resized as the pipeline does."""
+def clip_embeddings(image_encoder, feature_extractor, images: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] -> CLIP image embeddings (B, 1, D), prepared as diffusers' SVD
+    pipeline prepares the reference (anti-aliased resize in [-1, 1], then CLIP's normalisation)."""
+    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
+
     size = image_encoder.config.image_size
-    x = ((images + 1) / 2).float()
-    x = F.interpolate(x, (size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    x = ((x - mean) / std).to(image_encoder.dtype)
-    return image_encoder(x).image_embeds.unsqueeze(1)
+    x = (_resize_with_antialiasing(images.float(), (size, size)) + 1) / 2
+    mean = torch.tensor(feature_extractor.image_mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(feature_extractor.image_std, device=x.device).view(1, 3, 1, 1)
+    return image_encoder(((x - mean) / std).to(image_encoder.dtype)).image_embeds.unsqueeze(1)
 
 
 # ---- one step ------------------------------------------------------------------------------------
 
-def training_loss(batch: dict, vae, image_encoder, unet, encoder, injector: ControlInjector, config: TrainConfig,
+def training_loss(batch: dict, models: dict, unet, encoder, injector: ControlInjector, config: TrainConfig,
                   generator: torch.Generator) -> torch.Tensor:
     """The EDM loss of one batch (published recipe), with control added through the injector."""
+    vae = models["vae"]
     device = next(unet.parameters()).device
     pixels, poses = batch["pixels"].to(device), batch["poses"].to(device)
     reference = batch["reference"].to(device)
@@ -138,7 +138,7 @@ def training_loss(batch: dict, vae, image_encoder, unet, encoder, injector: Cont
         noisy_reference = (reference + REFERENCE_NOISE * randn(reference.shape)).to(vae.dtype)
         encoded = vae.encode(noisy_reference).latent_dist
         reference_latent = (encoded.mean + encoded.std * randn(encoded.mean.shape)).float()
-        image_embeddings = clip_embeddings(image_encoder, reference).float()
+        image_embeddings = clip_embeddings(models["image_encoder"], models["feature_extractor"], reference).float()
     sigma = sample_sigmas(batch_size, generator, config.sigma_distribution()).to(device)
     noisy, scaled, timestep = unet_inputs(latents, randn(latents.shape), sigma)
     keep_image, keep_reference = conditioning_dropout(torch.rand(batch_size, generator=generator).to(device),
@@ -293,7 +293,7 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
                                        accelerator.process_index)
             with accelerator.accumulate(*trained):
                 with accelerator.autocast():
-                    loss = training_loss(batch, vae, image_encoder, unet, encoder, injector, config, generator)
+                    loss = training_loss(batch, models, unet, encoder, injector, config, generator)
                 if not torch.isfinite(loss):
                     names = ", ".join(str(dataset.clips[int(i)].video.name) for i in batch["index"])
                     raise InputError(f"loss is {loss.item()} at step {step + 1} (batch: {names}); stopped, "
