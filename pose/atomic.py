@@ -18,3 +18,13 @@ def publish(tmp, path) -> Path:
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
     return Path(path)
+
+
+def write_json(path, data, indent: int | None = 1) -> Path:
+    """JSON written to a temporary name beside `path`, then renamed over it: readers never see half a file."""
+    import json
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=indent))
+    return publish(tmp, path)

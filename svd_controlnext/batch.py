@@ -17,7 +17,6 @@ import csv
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,7 +24,7 @@ from typing import Callable
 import yaml
 from tqdm import tqdm
 
-from pose.atomic import publish
+from pose.atomic import write_json
 from pose.errors import InputError
 from pose.skeleton import PoseSequence
 from pose.video import IMAGE_SUFFIXES, probe_video, read_image
@@ -267,12 +266,6 @@ def _free_device_memory() -> None:
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def write_json(path: Path, data) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    return publish(tmp, path)
 
 
 def part_report(outdir: Path, process: int, num_processes: int) -> Path:

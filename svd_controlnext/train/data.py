@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from pose.align import apply_linear
-from pose.atomic import publish
+from pose.atomic import write_json
 from pose.errors import InputError
 from pose.render import draw_pose
 from pose.skeleton import PoseSequence
@@ -67,9 +67,7 @@ def prepare_dataset(videos_dir, output, detector, cache=None, max_frames: int | 
         reasons = "; ".join(s["reason"] for s in skipped)
         raise InputError(f"{videos_dir}: no usable clip ({reasons})")
     manifest = {**FORMAT, "clips": clips, "skipped": skipped}
-    tmp = output / f".{DATASET_FILE}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    publish(tmp, output / DATASET_FILE)
+    write_json(output / DATASET_FILE, manifest)
     return manifest
 
 

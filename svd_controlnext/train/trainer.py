@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from pose.errors import InputError
@@ -422,16 +421,14 @@ def write_validation(run: Path, step: int, models: dict, encoder, unet, dataset:
 def validation_inputs(dataset: PoseVideoDataset, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """(reference RGB uint8 (H, W, 3), pose frames uint8 (F, H, W, 3))."""
     if config.validation_reference and config.validation_poses:
-        from pose.render import render_sequence
         from pose.skeleton import PoseSequence
         from pose.video import read_image
 
-        from ..animate import crop_poses, crop_reference
+        from ..animate import crop_poses, crop_reference, render_frames
 
         poses = PoseSequence.load(config.validation_poses).select(slice(0, config.validation_frames))
         reference = crop_reference(read_image(config.validation_reference), config.width, config.height)
-        frames = np.stack(list(render_sequence(crop_poses(poses, config.width, config.height), config.height,
-                                               config.width)))
+        frames = render_frames(crop_poses(poses, config.width, config.height), config.height, config.width)
         return reference, frames
     epoch, dataset.epoch = dataset.epoch, 0
     sample = dataset[0]
