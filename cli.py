@@ -161,7 +161,7 @@ def add_generation_options(p) -> None:
                    help="keep models in CPU memory: model (each model moves to the GPU while it runs) or "
                         "sequential (each layer; slowest, least memory)")
     p.add_argument("--low-vram", action="store_true", default=None,
-                   help="for GPUs with little memory: model offload and one-frame decode chunks")
+                   help="for GPUs with little memory: model offload, feed-forward chunking and one-frame decode chunks")
     p.add_argument("--decode-chunk", type=_positive_int,
                    help="frames per VAE decode (default: as many as half the free memory allows, up to 16)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet (slow first step)")

@@ -32,7 +32,7 @@ def child(mode: str, args) -> dict:
     import torch
     from PIL import Image
 
-    from bench.fullsize import full_components
+    from bench.fullsize import full_components, published_settings
     from svd_controlnext.animate import place_pipeline
     from svd_controlnext.decode import iter_decoded_frames
     from svd_controlnext.memory import decode_chunk_for, free_memory
@@ -46,12 +46,8 @@ def child(mode: str, args) -> dict:
     pipe.to(dtype=dtype)
     place_pipeline(pipe, args.device, "none")
     pipe.set_progress_bar_config(disable=True)
-    if published:  # the published work: the doubled batch through the encoder, no reuse of overlaps
-        encoder_forward = pipe.pose_encoder.forward
-        pipe.pose_encoder.forward = lambda frames, t: encoder_forward(torch.cat([frames] * 2), t)[:frames.shape[1]]
-        window_control = pipe._window_control
-        pipe._window_control = lambda poses, start, end, t, first, previous: window_control(
-            poses, start, end, t, first, {})
+    if published:
+        published_settings(pipe)
     width, height = map(int, args.size.split("x"))
     rng = np.random.default_rng(0)
     reference = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))

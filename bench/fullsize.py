@@ -6,6 +6,8 @@ architecture, not on the values.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -38,15 +40,28 @@ def full_pose_encoder():
     return PoseEncoder()  # the published v2 encoder
 
 
-def full_components(seed: int = 0) -> dict:
-    """All SVD-XT components plus the published pose encoder, random weights, fp32 on the CPU."""
+def full_components(seed: int = 0, meta: bool = False) -> dict:
+    """All SVD-XT components plus the published pose encoder, random weights, fp32 on the CPU
+    (`meta=True`: the models on the meta device, without memory or values, for fake-tensor runs)."""
     from diffusers import EulerDiscreteScheduler
     from transformers import CLIPImageProcessor
 
     torch.manual_seed(seed)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        models = {"unet": full_unet(), "vae": full_vae(), "image_encoder": full_image_encoder(),
+                  "pose_encoder": full_pose_encoder()}
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
         num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
         steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
-    return {"unet": full_unet(), "vae": full_vae(), "image_encoder": full_image_encoder(), "scheduler": scheduler,
-            "feature_extractor": CLIPImageProcessor(), "pose_encoder": full_pose_encoder()}
+    return {**models, "scheduler": scheduler, "feature_extractor": CLIPImageProcessor()}
+
+
+def published_settings(pipe) -> None:
+    """Make `pipe` do the published pipeline's control work: the encoder on the doubled guidance batch,
+    and no reuse of the features of frames shared by overlapping windows."""
+    encoder_forward = pipe.pose_encoder.forward
+    pipe.pose_encoder.forward = lambda frames, t: encoder_forward(torch.cat([frames] * 2), t)[:frames.shape[1]]
+    window_control = pipe._window_control
+    pipe._window_control = lambda poses, start, end, t, first, previous: window_control(
+        poses, start, end, t, first, {})

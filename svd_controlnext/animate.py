@@ -110,6 +110,10 @@ def load_pipeline(config: AnimateConfig, weights: Path | None, device: str, dtyp
     if config.base_model == TINY and dtype != torch.float32:
         pipe.to(dtype=dtype)
     place_pipeline(pipe, device, "model" if config.low_vram and config.offload == "none" else config.offload)
+    if config.low_vram:
+        # One frame at a time through the feed-forward layers: their 4x-wide hidden states are the largest
+        # activations of a full-size step (3.2 of its 7.9 GiB at 576x1024 fp16, bench/memory.py).
+        pipe.unet.enable_forward_chunking()
     if config.compile:
         pipe.unet.compile()  # in place: the control hook is traced with it, no graph break
     return pipe

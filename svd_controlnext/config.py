@@ -42,7 +42,7 @@ class AnimateConfig:
     dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     offload: str = "none"  # none, model (one model on the GPU at a time), sequential (one layer at a time)
     compile: bool = False  # torch.compile the UNet
-    low_vram: bool = False  # model offload + one-frame decode chunks: for GPUs with little memory
+    low_vram: bool = False  # model offload, feed-forward chunking, one-frame decode chunks: for GPUs with little memory
     audio: bool = True  # keep the driving clip's audio track
     detector: str = "auto"
     align: str = "ls"

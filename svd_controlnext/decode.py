@@ -15,9 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 
-def iter_decoded_frames(vae, latents: torch.Tensor, chunk_size: int = 8, progress: bool = False) -> Iterator[np.ndarray]:
+def iter_decoded_chunks(vae, latents: torch.Tensor, chunk_size: int = 8, progress: bool = False) -> Iterator[torch.Tensor]:
     """Latents (1, F, 4, h, w) or (F, 4, h, w), as the pipeline returns them with `output_type="latent"`,
-    -> RGB uint8 frames (H, W, 3), one at a time."""
+    -> RGB uint8 frames (n, H, W, 3) on the VAE's device, one chunk of n <= chunk_size frames at a time."""
     if chunk_size < 1:
         raise ValueError(f"decode chunk size must be at least 1, got {chunk_size}")
     latents = latents.flatten(0, 1) if latents.ndim == 5 else latents
@@ -29,9 +29,15 @@ def iter_decoded_frames(vae, latents: torch.Tensor, chunk_size: int = 8, progres
         extra = {"num_frames": len(chunk)} if takes_num_frames else {}
         with torch.no_grad():
             pixels = vae.decode(chunk, **extra).sample.float()
-        frames = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        frames = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         del pixels
-        yield from frames
+        yield frames
+
+
+def iter_decoded_frames(vae, latents: torch.Tensor, chunk_size: int = 8, progress: bool = False) -> Iterator[np.ndarray]:
+    """The frames of `iter_decoded_chunks` as RGB uint8 arrays (H, W, 3) in host memory, one at a time."""
+    for frames in iter_decoded_chunks(vae, latents, chunk_size, progress):
+        yield from frames.cpu().numpy()
 
 
 def decode_to_writer(vae, latents: torch.Tensor, writer, chunk_size: int = 8, progress: bool = False) -> int:

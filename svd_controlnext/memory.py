@@ -41,7 +41,10 @@ def free_memory(device: str) -> tuple[int, int]:
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return host, free
+        # Blocks PyTorch's caching allocator holds but no tensor uses (the sampling's activations, once
+        # sampling is over) are free to the next allocation, though the driver counts them as used.
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return host, free + cached
     return host, 0
 
 
@@ -65,9 +68,11 @@ def check_frames_fit(num_frames: int, width: int, height: int, dtype: torch.dtyp
                          f"{max(limit, 1)}, a larger --stride or a smaller size")
 
 
-# Decoding one more frame per chunk with the full SVD temporal VAE costs about 0.19 GiB at 256x256 in
-# fp32 (measured, shared/compat/diffusers_svd.md §5); it scales with the pixels and the dtype's size.
-DECODE_BYTES_PER_PIXEL_FP32 = 0.19 * 2**30 / (256 * 256)
+# Decoding one more frame per chunk with the full SVD temporal VAE holds about 2.33 GiB at 576x1024 in fp32
+# (bench/memory.py, live tensors counted on the full-size VAE; 1.13 GiB in fp16). It scales with the pixels
+# and the dtype's size: 0.26 GiB at 256x256, as measured in RSS on a CPU (shared/compat/diffusers_svd.md:
+# 2.77 - 1.28 GiB for chunks of 8 vs 2).
+DECODE_BYTES_PER_PIXEL_FP32 = 2.33 * 2**30 / (576 * 1024)
 MAX_DECODE_CHUNK = 16
 
 

@@ -38,8 +38,15 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
                          feature_extractor=feature_extractor)
         self.register_modules(pose_encoder=pose_encoder)
         self._injector = None
+        self._do_classifier_free_guidance = True
         self.control_calls = 0  # pose-encoder calls of the last run (at most one per step and window)
         self.control_frames = 0  # frames those calls encoded
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Decided once per call from the scales: diffusers asks the per-frame guidance tensor
+        (`.max() > 1`), a device-to-host sync at every use, twice per window and step."""
+        return self._do_classifier_free_guidance
 
     def _control_injector(self) -> ControlInjector | None:
         if self.pose_encoder is None:
@@ -118,6 +125,7 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
             raise ValueError(f"got {poses.shape[1]} pose frames for {num_frames} video frames")
         decode_chunk_size = decode_chunk_size or num_frames
         self._guidance_scale = max_guidance_scale
+        self._do_classifier_free_guidance = max(min_guidance_scale, max_guidance_scale) > 1
         batch_size = 1
 
         # 2. Encode the reference image (CLIP embedding, noisy VAE latent) once for the whole video

@@ -3,6 +3,7 @@ import re
 import av
 import numpy as np
 import pytest
+import torch
 
 import cli
 from pose.errors import InputError
@@ -259,11 +260,23 @@ def test_decode_chunk_choice(monkeypatch):
     from svd_controlnext import animate as animate_module
     from svd_controlnext.animate import Animator
 
-    monkeypatch.setattr(animate_module, "free_memory", lambda device: (2**30, 0))
+    monkeypatch.setattr(animate_module, "free_memory", lambda device: (2 * 2**30, 0))
     animator = Animator(AnimateConfig(width=256, height=256, dtype="fp32"), device="cpu")
-    assert animator.decode_chunk(animator.config) == 2  # half of 1 GiB at 0.19 GiB a 256x256 frame
+    assert animator.decode_chunk(animator.config) == 3  # half of 2 GiB at 0.26 GiB a 256x256 frame
     assert animator.decode_chunk(animator.config.replace(decode_chunk_size=5)) == 5
     assert animator.decode_chunk(animator.config.replace(low_vram=True)) == 1
+
+
+def test_low_vram_chunks_the_unet_feed_forward():
+    from svd_controlnext.animate import load_pipeline
+    from svd_controlnext.config import TINY
+
+    def chunk_sizes(config):
+        pipe = load_pipeline(config, None, "cpu", torch.float32)
+        return {getattr(m, "_chunk_size", None) for m in pipe.unet.modules() if hasattr(m, "set_chunk_feed_forward")}
+
+    assert chunk_sizes(AnimateConfig(base_model=TINY)) == {None}
+    assert chunk_sizes(AnimateConfig(base_model=TINY, low_vram=True)) == {1}
 
 
 def test_each_reference_is_detected_once_for_many_jobs(inputs, tmp_path, monkeypatch):
