@@ -68,10 +68,10 @@ def check_frames_fit(num_frames: int, width: int, height: int, dtype: torch.dtyp
                          f"{max(limit, 1)}, a larger --stride or a smaller size")
 
 
-# Decoding one more frame per chunk with the full SVD temporal VAE holds about 2.33 GiB at 576x1024 in fp32
-# (bench/memory.py, live tensors counted on the full-size VAE; 1.13 GiB in fp16). It scales with the pixels
-# and the dtype's size: 0.26 GiB at 256x256, as measured in RSS on a CPU (shared/compat/diffusers_svd.md:
-# 2.77 - 1.28 GiB for chunks of 8 vs 2).
+# Decoding one more frame per chunk with the full SVD temporal VAE holds about 2.25 GiB at 576x1024 in fp32
+# (bench/memory.py, live tensors counted on the full-size VAE; 1.13 GiB in fp16); 2.33 keeps a 4 % margin.
+# It scales with the pixels and the dtype's size: 0.25 GiB at 256x256, as measured in RSS on a CPU
+# (shared/compat/diffusers_svd.md: 2.77 - 1.28 GiB for chunks of 8 vs 2).
 DECODE_BYTES_PER_PIXEL_FP32 = 2.33 * 2**30 / (576 * 1024)
 MAX_DECODE_CHUNK = 16
 
