@@ -204,3 +204,19 @@ def test_feed_forward_chunking_gives_the_same_frames(components):
     kwargs["generator"] = torch.Generator().manual_seed(0)
     latents = pipe(reference_image(), pose_frames(6), **kwargs).frames
     torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_guidance, unet_batch", [(1.0, 1), (2.5, 2)])
+def test_guidance_batch_decided_from_the_scales(components, max_guidance, unet_batch):
+    """Classifier-free guidance (the doubled UNet batch) is on exactly when a scale is above 1, decided
+    once per call rather than by asking the guidance tensor (a device sync) at every window."""
+    pipe = ControlNeXtSVDPipeline(**components)
+    batches = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        pipe(reference_image(), pose_frames(), **call_kwargs(min_guidance_scale=1.0, max_guidance_scale=max_guidance,
+                                                             num_inference_steps=1, output_type="latent"))
+    finally:
+        handle.remove()
+    assert batches == [unet_batch]
+    assert pipe.do_classifier_free_guidance is (unet_batch == 2)
