@@ -151,8 +151,7 @@ def measure(mode: str, args) -> dict:
             chunk = decode_chunk_for(int(free), width, height, torch.finfo(dtype).bits // 8)
         with tracked(models) as decoding:
             if published:  # diffusers' decode_latents: the whole video stays on the device until written
-                video = pipe.decode_latents(latents, args.frames, chunk)
-                del video
+                pipe.decode_latents(latents, args.frames, chunk)
             else:
                 for frames in iter_decoded_chunks(pipe.vae, latents, chunk):
                     del frames
