@@ -20,8 +20,8 @@ One denoising step is enough: every step holds the same tensors.
 Prints one JSON object as its last line: per mode, resident parameters and activation peaks of sampling and decoding,
 `predicted_peak_gib`, and `peak_memory_ratio` (ours / published), `fits_20gib` per mode, and the decode working memory
 per frame (`decode_gib_per_frame`) next to what `svd_controlnext.memory` assumes.
-Run: .venv/bin/python bench/memory.py            (48 frames, windows 24/6; about 5 minutes on 2 cores)
-     .venv/bin/python bench/memory.py --quick    (24 frames, one window)
+Run: .venv/bin/python bench/memory.py            (48 frames, windows 24/6; about 7 minutes on 2 cores)
+     .venv/bin/python bench/memory.py --quick    (24 frames, one window; about 3 minutes)
 """
 
 from __future__ import annotations
