@@ -140,6 +140,10 @@ def add_generation_options(p) -> None:
     p.add_argument("--preset", default="controlnext-svd-v2",
                    help="controlnext-svd-v2 (default), tiny (random weights, runs anywhere), or a YAML file")
     p.add_argument("--weights", type=Path, help="folder from `svd-animate convert` or training (pose_encoder/, unet/)")
+    p.add_argument("--control-weights", help="control encoder: controlnet.bin, a folder holding it, or a hub repo "
+                                             "(default: the preset's)")
+    p.add_argument("--unet-weights", help="fine-tuned UNet loaded over the base's: unet.bin, a folder holding it, "
+                                          "or a hub repo (default: the preset's)")
     p.add_argument("--steps", type=_positive_int)
     p.add_argument("--seed", type=int)
     p.add_argument("--width", type=_positive_int)
@@ -152,8 +156,10 @@ def add_generation_options(p) -> None:
     p.add_argument("--overlap", type=int, help="frames shared by neighbouring windows")
     p.add_argument("--fusion", choices=FUSION_MODES, help="how overlapping windows are blended")
     p.add_argument("--published-sampling", action="store_true",
-                   help="the published pipeline's layout: reference pose as frame 0 and at position 0 of every "
-                        "window, uniform window mean (default: driving poses only, position-weighted fusion)")
+                   help="compute what the published ControlNeXt-SVD-v2 code computes: reference pose as frame 0 and "
+                        "at position 0 of every window, plain window mean, its reference framing and alignment fit, "
+                        "DWPose, fp32, decode chunks of 2, at most 240 frames, fps floored, no audio (flags given "
+                        "explicitly still win; README: differences)")
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
                    help="auto (default): fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -172,17 +178,19 @@ def add_generation_options(p) -> None:
 
 
 def config_from_args(args):
-    from svd_controlnext.config import load_preset
+    from svd_controlnext.config import load_preset, with_published_sampling
 
-    config = load_preset(args.preset).replace(
+    flags = dict(
         steps=args.steps, seed=args.seed, width=args.width, height=args.height, stride=args.stride,
         max_frames=args.max_frames, min_guidance=args.guidance, max_guidance=args.guidance,
         control_scale=args.control_scale, window=args.window, overlap=args.overlap, fusion=args.fusion,
         dtype=args.dtype, detector=args.detector, align=args.align, offload=args.offload, compile=args.compile,
-        audio=args.audio, low_vram=args.low_vram, decode_chunk_size=args.decode_chunk)
+        audio=args.audio, low_vram=args.low_vram, decode_chunk_size=args.decode_chunk,
+        control_weights=args.control_weights, unet_weights=args.unet_weights)
+    config = load_preset(args.preset)
     if args.published_sampling:
-        config = config.replace(fusion="uniform", prepend_reference_pose=True, reference_pose_in_every_window=True)
-    return config
+        config = with_published_sampling(config, explicit=[key for key, value in flags.items() if value is not None])
+    return config.replace(**flags)
 
 
 def random_weights_label(config) -> str:

@@ -134,9 +134,11 @@ def _move_and_scale(points: np.ndarray, old_anchor: np.ndarray, new_anchor: np.n
     return np.where(np.isnan(new_anchor[:, None]) | np.isnan(old_anchor[:, None]), points, moved)
 
 
-def align_bones(driving: PoseSequence, ref: PoseSequence, threshold: float = VISIBLE) -> PoseSequence:
-    """The published alignment, then each bone rescaled to the reference's length."""
-    linear = align_linear(driving, ref, threshold)
+def align_bones(driving: PoseSequence, ref: PoseSequence, fit_threshold: float | None = VISIBLE,
+                threshold: float = VISIBLE) -> PoseSequence:
+    """The published alignment, then each bone rescaled to the reference's length (bones from
+    keypoints above `threshold`)."""
+    linear = align_linear(driving, ref, fit_threshold)
     w, h = ref.width, ref.height
     body = _to_pixels(linear.body, w, h)
     ref_body = _to_pixels(ref.body[0], w, h)
@@ -158,9 +160,12 @@ def align_bones(driving: PoseSequence, ref: PoseSequence, threshold: float = VIS
 ALIGN_METHODS = {"ls": align_linear, "bones": align_bones}
 
 
-def align(driving: PoseSequence, ref: PoseSequence, method: str = "ls") -> PoseSequence:
+def align(driving: PoseSequence, ref: PoseSequence, method: str = "ls",
+          fit_threshold: float | None = VISIBLE) -> PoseSequence:
+    """`fit_threshold=None` fits every driving keypoint whatever its score, as published
+    (ControlNeXt-SVD-v2 `dwpose/preprocess.py`, `get_video_pose`)."""
     if method == "none":
         return driving
     if method not in ALIGN_METHODS:
         raise ValueError(f"unknown alignment {method!r}; choose ls, bones or none")
-    return ALIGN_METHODS[method](driving, ref)
+    return ALIGN_METHODS[method](driving, ref, fit_threshold)

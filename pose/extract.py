@@ -126,9 +126,11 @@ def expected_count(info, settings: ExtractSettings) -> int | None:
     return min(count, settings.max_frames) if settings.max_frames else count
 
 
-def detect_reference(image_path, detector: PoseDetector) -> tuple[PoseSequence, np.ndarray]:
-    """The reference image's pose (a one-frame sequence) and the image itself."""
-    image = read_image(image_path)
+def detect_reference(image_path, detector: PoseDetector, image: np.ndarray | None = None,
+                     ) -> tuple[PoseSequence, np.ndarray]:
+    """The reference image's pose (a one-frame sequence) and the image itself. `image` is the
+    reference as it should be seen (e.g. already framed to the output size); default: the file."""
+    image = read_image(image_path) if image is None else image
     pose = detector.detect_image(image)
     if pose is None or not (pose["body_score"] > 0.3).any():
         raise NoPersonError(

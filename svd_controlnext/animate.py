@@ -1,9 +1,10 @@
 """The main job: reference image + driving video (or PoseSequence) -> animated mp4.
 
-Steps: poses (cache, alignment) -> reference resized to cover H x W and centre-cropped (as published),
-poses mapped through the same crop -> skeleton frames -> pipeline (latents) -> streamed chunked decoding
-into the writer. The output keeps the driving clip's timing (source fps / stride) and the matching part
-of its audio track.
+Steps: reference framed to H x W (`framing.py`) and its pose detected -> driving poses (cache, alignment)
+mapped into the output frame -> skeleton frames -> pipeline (latents) -> streamed chunked decoding into
+the writer. The output keeps the driving clip's timing (source fps / stride) and the matching part of its
+audio track. `config.published_sampling` takes the published path at every step where it differs
+(README: differences from the published pipeline).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pose.align import align, apply_linear
+from pose.align import VISIBLE, align
 from pose.cache import PoseCache
 from pose.detect import load_detector
 from pose.detect.base import PoseDetector
@@ -30,6 +31,7 @@ from pose.video import AudioClip, VideoWriter, check_writable, has_audio, is_ima
 
 from .config import OFFLOAD_MODES, TINY, AnimateConfig
 from .decode import iter_decoded_frames
+from .framing import crop_poses, crop_reference, crop_reference_published
 from .memory import check_frames_fit, decode_chunk_for, free_memory
 
 logger = logging.getLogger(__name__)
@@ -42,27 +44,6 @@ class AnimateResult:
     fps: float
     random_weights: bool
     audio: bool = False
-
-
-def cover_crop(width: int, height: int, target_w: int, target_h: int) -> tuple[float, int, int]:
-    """Scale and top-left offset that make a `width` x `height` image cover the target, centred."""
-    scale = max(target_w / width, target_h / height)
-    return scale, (round(width * scale) - target_w) // 2, (round(height * scale) - target_h) // 2
-
-
-def crop_reference(image: np.ndarray, target_w: int, target_h: int) -> np.ndarray:
-    scale, left, top = cover_crop(image.shape[1], image.shape[0], target_w, target_h)
-    size = (round(image.shape[1] * scale), round(image.shape[0] * scale))
-    resized = np.asarray(Image.fromarray(image).resize(size, Image.BICUBIC))
-    return resized[top:top + target_h, left:left + target_w]
-
-
-def crop_poses(seq: PoseSequence, target_w: int, target_h: int) -> PoseSequence:
-    """Poses normalised to the uncropped frame -> normalised to the cover-cropped target frame."""
-    scale, left, top = cover_crop(seq.width, seq.height, target_w, target_h)
-    a = (seq.width * scale / target_w, seq.height * scale / target_h)
-    b = (-left / target_w, -top / target_h)
-    return apply_linear(seq, a, b, target_w, target_h)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -86,27 +67,7 @@ def load_pipeline(config: AnimateConfig, weights: Path | None, device: str, dtyp
             components.update(trained_components(weights))
         pipe = ControlNeXtSVDPipeline(**components)
     else:
-        from .weights import load_pose_encoder
-
-        source = weights or config.control_weights
-        if source is None:
-            raise InputError("no control weights: pass --weights DIR or use a preset that names them")
-        try:
-            encoder = load_pose_encoder(source)
-        except InputError as e:
-            raise InputError(f"{e}; without weights, try --preset tiny") from None
-        extra = {}
-        unet_dir = (weights / "unet") if weights is not None and (weights / "unet").is_dir() else None
-        try:
-            if unet_dir is not None:
-                from diffusers import UNetSpatioTemporalConditionModel
-
-                extra["unet"] = UNetSpatioTemporalConditionModel.from_pretrained(unet_dir, torch_dtype=dtype)
-            pipe = ControlNeXtSVDPipeline.from_pretrained(config.base_model, pose_encoder=encoder,
-                                                          torch_dtype=dtype, **extra)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot load the base model {config.base_model} ({type(e).__name__}); "
-                             "no weights are reachable here: try --preset tiny") from None
+        pipe = load_published_pipeline(config, weights, dtype)
     if config.base_model == TINY and dtype != torch.float32:
         pipe.to(dtype=dtype)
     place_pipeline(pipe, device, "model" if config.low_vram and config.offload == "none" else config.offload)
@@ -117,6 +78,30 @@ def load_pipeline(config: AnimateConfig, weights: Path | None, device: str, dtyp
     if config.compile:
         pipe.unet.compile()  # in place: the control hook is traced with it, no graph break
     return pipe
+
+
+def load_published_pipeline(config: AnimateConfig, weights: Path | None, dtype: torch.dtype):
+    """Base model + fine-tuned UNet + control encoder, as `run_controlnext.py` assembles them: the base's
+    pretrained UNet with `unet.bin` loaded over it (`strict=False`), the encoder from `controlnet.bin`.
+    `--weights DIR` (from `convert` or training) replaces both with its pose_encoder/ and unet/."""
+    from .pipeline import ControlNeXtSVDPipeline
+    from .weights import hub_error_message, load_pose_encoder, load_unet
+
+    control = weights or config.control_weights
+    if control is None:
+        raise InputError("no control weights: pass --weights DIR or use a preset that names them")
+    unet_weights = weights / "unet" if weights is not None and (weights / "unet").is_dir() else config.unet_weights
+    try:
+        encoder = load_pose_encoder(control)
+    except InputError as e:
+        raise InputError(f"{e}; without weights, try --preset tiny") from None
+    unet = load_unet(config.base_model, unet_weights, dtype)
+    try:
+        return ControlNeXtSVDPipeline.from_pretrained(config.base_model, pose_encoder=encoder, unet=unet,
+                                                      torch_dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - hub, file and config errors all end the run in one line
+        raise InputError(f"cannot load the base model {config.base_model}: {hub_error_message(e, config.base_model)}"
+                         ) from None
 
 
 def trained_components(folder: Path) -> dict:
@@ -152,44 +137,95 @@ def is_pose_file(path: Path) -> bool:
     return path.suffix.lower() == ".npz"
 
 
+NOT_ALIGNED = ("the poses are not aligned to this reference image (different frame size); "
+               "run `svd-animate pose` with --ref, or leave out --published-sampling")
+
+
+@dataclasses.dataclass
+class Reference:
+    """The reference image framed to the output size, and its pose (None when nothing needs it).
+
+    The pose lives in the frame of the image it was detected on: the original image (ours, so limbs
+    that the crop cuts off still count) or the framed one (published: `utils/pre_process.py` runs
+    DWPose on the resized and cropped reference)."""
+
+    image: np.ndarray
+    pose: PoseSequence | None
+    original_size: tuple[int, int]  # (width, height) of the file's image
+
+
+def load_reference(path: Path, config: AnimateConfig, detector: Callable[[], PoseDetector] | None) -> Reference:
+    """Read, frame and (when `detector` is given) detect the reference as `config` asks."""
+    original = read_image(path)
+    if config.published_sampling:
+        image = crop_reference_published(original, config.width, config.height)
+        seen = image
+    else:
+        image = crop_reference(original, config.width, config.height)
+        seen = original
+    pose = detect_reference(path, detector(), seen)[0] if detector is not None else None
+    return Reference(image, pose, (original.shape[1], original.shape[0]))
+
+
+def driving_frames_cap(config: AnimateConfig) -> int | None:
+    """Driving frames to keep: `max_frames` counts output frames, the prepended reference pose included
+    (published: `num_frames = min(max_frame_num, len(poses))` after the reference pose was put first)."""
+    if not config.max_frames or not config.prepend_reference_pose:
+        return config.max_frames
+    if config.max_frames < 2:
+        raise InputError("--max-frames must be at least 2 with the reference pose first (--published-sampling)")
+    return config.max_frames - 1
+
+
 def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, detector: Callable[[], PoseDetector],
                   cache: PoseCache | None, progress: bool = True,
-                  reference_pose: Callable[[Path], tuple[PoseSequence, np.ndarray]] | None = None,
+                  load: Callable[[Path, AnimateConfig, bool], Reference] | None = None,
                   ) -> tuple[PoseSequence, np.ndarray]:
-    """Driving poses in the reference's frame (the reference's own pose first when the config asks
-    for the published layout), and the reference image. `detector()` gives the pose detector; it is
-    only called when a pose has to be detected. `reference_pose(path)` may stand in for detecting
-    the reference (a batch detects each reference once)."""
-    reference_pose = reference_pose or (lambda path: detect_reference(path, detector()))
+    """Driving poses in the output frame (the reference's own pose first when the config asks for
+    the published layout), and the reference framed to the output size. `detector()` gives the pose
+    detector; it is only called when a pose has to be detected. `load(path, config, needs_pose)` may
+    stand in for `load_reference` (a batch reads each reference once)."""
+    load = load or (lambda path, cfg, needs_pose: load_reference(path, cfg, detector if needs_pose else None))
+    cap = driving_frames_cap(config)
+    needs_pose = config.prepend_reference_pose or (config.align != "none" and not is_pose_file(pose_input))
+    ref = load(reference, config, needs_pose)
     if is_pose_file(pose_input):
         poses = PoseSequence.load(pose_input)
         if poses.meta.get("align", {}).get("method") in (None, "none"):
             logger.info("%s: poses are not aligned to a reference; used as they are", pose_input)
-        if config.max_frames:
-            poses = poses.select(slice(0, config.max_frames))
-        if not config.prepend_reference_pose:
-            return poses, read_image(reference)
-        ref_pose, image = reference_pose(reference)
-        return prepend_pose(poses, ref_pose), image
+        if config.prepend_reference_pose and (poses.width, poses.height) != ref.original_size:
+            raise InputError(NOT_ALIGNED)
+        poses = poses.select(slice(0, cap)) if cap else poses
+    else:
+        poses = driving_poses(pose_input, ref, config, detector, cache, progress)
+    poses = crop_poses(poses, config.width, config.height)
+    if config.prepend_reference_pose:
+        poses = prepend_pose(poses, crop_poses(ref.pose, config.width, config.height))
+    return poses, ref.image
 
-    settings = ExtractSettings(stride=config.stride, max_frames=config.max_frames)
-    if config.align != "none" or config.prepend_reference_pose:
-        ref_pose, image = reference_pose(reference)
-    else:
-        ref_pose, image = None, read_image(reference)
-    poses = extract_video(pose_input, detector(), settings, cache, progress=progress).poses
+
+def driving_poses(video: Path, ref: Reference, config: AnimateConfig, detector: Callable[[], PoseDetector],
+                  cache: PoseCache | None, progress: bool) -> PoseSequence:
+    """The driving poses in the reference pose's frame. Ours fits the alignment on the kept frames and
+    confident keypoints; published fits every strided frame of the whole video and every keypoint
+    (`dwpose/preprocess.py`, `get_video_pose`: `max_frame_num` is computed there but never used), then
+    keeps the first frames."""
+    cap = driving_frames_cap(config)
+    whole_video = config.published_sampling and config.align != "none"
+    settings = ExtractSettings(stride=config.stride, max_frames=None if whole_video else cap)
+    poses = extract_video(video, detector(), settings, cache, progress=progress).poses
     if config.align != "none":
-        poses = align(poses, ref_pose, config.align)
+        poses = align(poses, ref.pose, config.align, fit_threshold=None if config.published_sampling else VISIBLE)
     else:
-        poses = poses.replace(width=image.shape[1], height=image.shape[0])
-    return (prepend_pose(poses, ref_pose) if config.prepend_reference_pose else poses), image
+        width, height = ref.original_size if not config.published_sampling else (config.width, config.height)
+        poses = poses.replace(width=width, height=height)
+    return poses.select(slice(0, cap)) if cap else poses
 
 
 def prepend_pose(poses: PoseSequence, ref_pose: PoseSequence) -> PoseSequence:
     """The published layout: the reference image's pose as frame 0 (source frame index -1)."""
     if (ref_pose.width, ref_pose.height) != (poses.width, poses.height):
-        raise InputError("the poses are not aligned to this reference image (different frame size); "
-                         "run `svd-animate pose` with --ref, or leave out --published-sampling")
+        raise InputError(NOT_ALIGNED)
     arrays = {name: np.concatenate([ref, drv]) for (name, ref), drv in
               zip(ref_pose.arrays().items(), poses.arrays().values())}
     return poses.replace(**arrays, frame_index=np.concatenate([[-1], poses.frame_index]),
@@ -197,12 +233,20 @@ def prepend_pose(poses: PoseSequence, ref_pose: PoseSequence) -> PoseSequence:
                          meta={**poses.meta, "reference_pose_first": True})
 
 
+def output_fps(poses: PoseSequence, config: AnimateConfig) -> float:
+    """Source fps / stride; published floors it (`run_controlnext.py`: `get_avg_fps() // sample_stride`)."""
+    source_fps, stride = poses.meta.get("source_fps"), poses.meta.get("stride", 1)
+    if config.published_sampling and source_fps:
+        return float(source_fps // stride)
+    return poses.fps
+
+
 def expected_frames(pose_input: Path, config: AnimateConfig) -> int | None:
     """Frames the run will make, known before any pose is extracted (None when the video does not say)."""
     if is_pose_file(pose_input):
         return None
     count = expected_count(probe_video(pose_input), ExtractSettings(stride=config.stride,
-                                                                    max_frames=config.max_frames))
+                                                                    max_frames=driving_frames_cap(config)))
     return count + int(config.prepend_reference_pose) if count else None
 
 
@@ -247,20 +291,34 @@ class Animator:
         self.progress = progress
         self._pipe = None
         self._detector = None
-        self._references: dict[tuple[Path, int], tuple[PoseSequence, np.ndarray]] = {}
+        self._references: dict[tuple, Reference] = {}
         self._resources = contextlib.ExitStack()
 
     def detector(self) -> PoseDetector:
+        """The configured pose detector. The published skeletons come from DWPose and MediaPipe's differ
+        (other joints, hands and face), so under --published-sampling `auto` means DWPose or an error."""
         if self._detector is None:
-            self._detector = self._resources.enter_context(load_detector(self.config.detector,
-                                                                         dwpose_dir=self.dwpose_dir))
+            name = self.config.detector
+            if self.config.published_sampling and name == "auto":
+                name = "dwpose"
+            try:
+                detector = load_detector(name, dwpose_dir=self.dwpose_dir)
+            except InputError as e:
+                if name == self.config.detector:
+                    raise
+                raise InputError(f"--published-sampling needs DWPose, the detector the published weights were "
+                                 f"trained with ({e}); or pass --detector mediapipe to accept other skeletons"
+                                 ) from None
+            self._detector = self._resources.enter_context(detector)
         return self._detector
 
-    def reference_pose(self, path: Path) -> tuple[PoseSequence, np.ndarray]:
-        """The reference's pose and image, detected once per file version for all the jobs using it."""
-        key = (path.resolve(), path.stat().st_mtime_ns)
+    def reference(self, path: Path, config: AnimateConfig, needs_pose: bool) -> Reference:
+        """The framed reference (and its pose), made once per file version and framing for all jobs."""
+        key = (path.resolve(), path.stat().st_mtime_ns, config.width, config.height, config.published_sampling,
+               needs_pose)
         if key not in self._references:
-            self._references[key] = detect_reference(path, self.detector())
+            detector = self.detector if needs_pose else None
+            self._references[key] = load_reference(path, config, detector)
         return self._references[key]
 
     def pipeline(self):
@@ -315,27 +373,23 @@ class Animator:
         self.check(reference, pose_input, output, config, side_by_side)
         width, height = config.width, config.height
 
-        poses, image = prepare_poses(pose_input, reference, config, self.detector, self.cache, self.progress,
-                                     self.reference_pose)
+        poses, reference_image = prepare_poses(pose_input, reference, config, self.detector,
+                                               self.cache, self.progress, self.reference)
         check_frames_fit(len(poses), width, height, self.dtype, self.device, side_by_side)
-        reference_image = crop_reference(image, width, height)
-        poses = crop_poses(poses, width, height)
         pose_frames = render_frames(poses, height, width)
-        audio = audio_for(pose_input, poses) if config.audio else None
+        fps = output_fps(poses, config)
+        audio = None
+        if config.audio and config.published_sampling:
+            logger.info("--published-sampling: no audio (its floored fps would drift from the clip's sound)")
+        elif config.audio:
+            audio = audio_for(pose_input, poses)
 
         pipe = self.pipeline()
         generator = torch.Generator(device="cpu").manual_seed(config.seed)
         try:
-            latents = pipe(
-                Image.fromarray(reference_image), pose_frames, height=height, width=width,
-                num_frames=len(pose_frames), num_inference_steps=config.steps,
-                min_guidance_scale=config.min_guidance, max_guidance_scale=config.max_guidance, fps=config.fps_id,
-                motion_bucket_id=config.motion_bucket_id, noise_aug_strength=config.noise_aug_strength,
-                control_scale=config.control_scale, window_size=config.window, window_overlap=config.overlap,
-                fusion=config.fusion, reference_pose_in_every_window=config.reference_pose_in_every_window,
-                generator=generator, output_type="latent",
-            ).frames
-            with VideoWriter(output, fps=poses.fps, audio=audio) as writer:
+            latents = pipe(Image.fromarray(reference_image), pose_frames, generator=generator, output_type="latent",
+                           **pipeline_arguments(config)).frames
+            with VideoWriter(output, fps=fps, audio=audio) as writer:
                 decoded = iter_decoded_frames(pipe.vae, latents, self.decode_chunk(config), self.progress)
                 for index, frame in enumerate(decoded):
                     writer.write(np.concatenate([pose_frames[index], frame], axis=1) if side_by_side else frame)
@@ -343,7 +397,16 @@ class Animator:
             raise InputError(f"out of memory on {self.device} at {width}x{height} with windows of {config.window} "
                              "frames: try --offload model, a smaller --window, --height/--width or --dtype fp16"
                              ) from None
-        return AnimateResult(output, len(pose_frames), poses.fps, config.base_model == TINY, audio is not None)
+        return AnimateResult(output, len(pose_frames), fps, config.base_model == TINY, audio is not None)
+
+
+def pipeline_arguments(config: AnimateConfig) -> dict:
+    """The `ControlNeXtSVDPipeline.__call__` arguments a config stands for."""
+    return dict(height=config.height, width=config.width, num_inference_steps=config.steps,
+                min_guidance_scale=config.min_guidance, max_guidance_scale=config.max_guidance, fps=config.fps_id,
+                motion_bucket_id=config.motion_bucket_id, noise_aug_strength=config.noise_aug_strength,
+                control_scale=config.control_scale, window_size=config.window, window_overlap=config.overlap,
+                fusion=config.fusion, reference_pose_in_every_window=config.reference_pose_in_every_window)
 
 
 def animate(reference, pose_input, output, config: AnimateConfig, weights=None, device: str = "cpu",

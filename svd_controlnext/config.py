@@ -19,7 +19,7 @@ OFFLOAD_MODES = ("none", "model", "sequential")
 class AnimateConfig:
     base_model: str = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"  # hub id, local folder, or "tiny"
     control_weights: str | None = "Pbihao/ControlNeXt"  # folder from `convert`, a controlnet.bin, or a hub repo
-    unet_weights: str | None = None  # unet.bin or a folder holding unet/
+    unet_weights: str | None = None  # the fine-tuned UNet over the base's: unet.bin, a folder holding it, or a hub repo
     width: int = 576
     height: int = 1024
     steps: int = 25
@@ -32,8 +32,12 @@ class AnimateConfig:
     # The published layout: the reference image's pose as output frame 0, and fed at position 0 of every window.
     prepend_reference_pose: bool = False
     reference_pose_in_every_window: bool = False
+    # The published path around the sampler: reference framing pixels, its pose detected on the framed image,
+    # the alignment fitted on the whole video with every keypoint, fps floored, DWPose required.
+    # `with_published_sampling` also sets the published values of the fields in PUBLISHED_SAMPLING.
+    published_sampling: bool = False
     stride: int = 2
-    max_frames: int | None = None
+    max_frames: int | None = None  # output frames (the reference-pose frame, when prepended, counts)
     fps_id: int = 7  # SVD's fps conditioning (the model sees fps_id - 1)
     motion_bucket_id: int = 127
     noise_aug_strength: float = 0.02
@@ -50,6 +54,20 @@ class AnimateConfig:
     def replace(self, **changes) -> "AnimateConfig":
         changes = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **changes)
+
+
+# What `--published-sampling` sets besides `published_sampling` (ControlNeXt-SVD-v2 `run_controlnext.py`,
+# `script.sh` and its pipeline): the plain window mean, the reference pose first and in every window,
+# everything in fp32, decode chunks of 2 frames, at most 240 frames (the reference-pose frame included).
+PUBLISHED_SAMPLING = {"fusion": "uniform", "prepend_reference_pose": True, "reference_pose_in_every_window": True,
+                      "dtype": "fp32", "decode_chunk_size": 2, "max_frames": 240}
+
+
+def with_published_sampling(config: AnimateConfig, explicit=()) -> AnimateConfig:
+    """The published pipeline's settings over `config`, except the fields named in `explicit`
+    (those the user set on purpose: `--dtype bf16 --published-sampling` keeps bf16)."""
+    changes = {key: value for key, value in PUBLISHED_SAMPLING.items() if key not in explicit}
+    return dataclasses.replace(config, published_sampling=True, **changes)
 
 
 def _check_type(name: str, value, annotation: str, where: str):
@@ -95,4 +113,6 @@ def load_preset(name_or_path: str) -> AnimateConfig:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise InputError(f"{name_or_path}: no such preset (built in: {known})")
-    return config_from_mapping(AnimateConfig, read_yaml(path), f"{path}")
+    values = read_yaml(path)
+    config = config_from_mapping(AnimateConfig, values, f"{path}")
+    return with_published_sampling(config, explicit=values) if config.published_sampling else config

@@ -58,14 +58,6 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
             self._injector = ControlInjector(self.unet, config.injection_site, config.control_strength)
         return self._injector
 
-    def _encode_image(self, image, device, num_videos_per_prompt, do_classifier_free_guidance):
-        """diffusers resizes PIL images to 224 for CLIP; an encoder of another size (the tiny one) gets its own."""
-        size = self.image_encoder.config.image_size
-        if size != 224 and not isinstance(image, torch.Tensor):
-            image = self.video_processor.numpy_to_pt(self.video_processor.pil_to_numpy(image))
-            image = torch.nn.functional.interpolate(image, (size, size), mode="bicubic", antialias=True).clamp(0, 1)
-        return super()._encode_image(image, device, num_videos_per_prompt, do_classifier_free_guidance)
-
     @staticmethod
     def prepare_pose_frames(pose_frames) -> torch.Tensor:
         """(F, H, W, 3) uint8 / (F, 3, H, W) or (1, F, 3, H, W) floats in [0, 1] -> (1, F, 3, H, W).
@@ -136,7 +128,7 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
         if needs_upcasting:
             self.vae.to(dtype=torch.float32)
-        image_latents = self._encode_vae_image(image, device, 1, self.do_classifier_free_guidance)
+        image_latents = self._encode_vae_image(image.to(self.vae.dtype), device, 1, self.do_classifier_free_guidance)
         image_latents = image_latents.to(image_embeddings.dtype)
         if needs_upcasting:
             self.vae.to(dtype=torch.float16)
@@ -152,7 +144,10 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         # 4. Windows, their fusion weights and per-position guidance
         windows = plan_windows(num_frames, window_size or num_frames, window_overlap)
         length = windows[0][1] - windows[0][0]
-        weights = [torch.as_tensor(w, device=device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
+        # Fusion in fp32 whatever the model dtype: fp16 weights of three overlapping windows sum to 1 - 2.4e-4,
+        # an error that compounds over the steps.
+        fusion_dtype = torch.promote_types(latents.dtype, torch.float32)
+        weights = [torch.as_tensor(w, device=device, dtype=fusion_dtype).view(1, -1, 1, 1, 1)
                    for w in fusion_weights(windows, num_frames, fusion, drop_first=reference_pose_in_every_window)]
         guidance = torch.linspace(min_guidance_scale, max_guidance_scale, length, device=device, dtype=latents.dtype)
         self._guidance_scale = _append_dims(guidance.unsqueeze(0), latents.ndim)
@@ -165,7 +160,7 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         try:
             with self.progress_bar(total=len(timesteps) * len(windows)) as progress_bar:
                 for i, t in enumerate(timesteps):
-                    fused = torch.zeros_like(latents)
+                    fused = torch.zeros_like(latents, dtype=fusion_dtype)
                     previous = {}  # this step's control features of the previous window, by frame
                     for (start, end), weight in zip(windows, weights):
                         self.scheduler._step_index = i  # each window takes the same step
@@ -182,7 +177,8 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
                         if self.do_classifier_free_guidance:
                             uncond, cond = noise_pred.chunk(2)
                             noise_pred = uncond + self.guidance_scale * (cond - uncond)
-                        fused[:, start:end] += weight * self.scheduler.step(noise_pred, t, window).prev_sample
+                        stepped = self.scheduler.step(noise_pred, t, window).prev_sample
+                        fused[:, start:end] += weight * stepped.to(fusion_dtype)
                         progress_bar.update()
                     latents = fused.to(latents.dtype)
                     if callback_on_step_end is not None:

@@ -43,8 +43,8 @@ def tiny_components(seed: int = 0) -> dict:
                                        latent_channels=4)
     torch.manual_seed(seed)
     image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, projection_dim=32, num_hidden_layers=5, num_attention_heads=4, image_size=32,
-        intermediate_size=37, patch_size=1))
+        hidden_size=32, projection_dim=32, num_hidden_layers=5, num_attention_heads=4, image_size=224,
+        intermediate_size=37, patch_size=32))  # 224 like ViT-H/14: diffusers' CLIP input path runs unchanged
     torch.manual_seed(seed)
     pose_encoder = tiny_pose_encoder()
     scheduler = EulerDiscreteScheduler(
@@ -53,4 +53,4 @@ def tiny_components(seed: int = 0) -> dict:
         steps_offset=1, timestep_spacing="leading", timestep_type="continuous", trained_betas=None,
         use_karras_sigmas=True)
     return {"unet": unet, "vae": vae, "image_encoder": image_encoder, "scheduler": scheduler,
-            "feature_extractor": CLIPImageProcessor(crop_size=32, size=32), "pose_encoder": pose_encoder}
+            "feature_extractor": CLIPImageProcessor(crop_size=224, size=224), "pose_encoder": pose_encoder}

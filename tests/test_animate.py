@@ -8,7 +8,7 @@ import torch
 import cli
 from pose.errors import InputError
 from pose.skeleton import PoseSequence
-from svd_controlnext.animate import cover_crop, crop_poses
+from svd_controlnext.framing import cover_crop, crop_poses
 from svd_controlnext.config import AnimateConfig, load_preset
 from tests.helpers import make_pose
 
@@ -201,13 +201,16 @@ def clip_with_audio(tmp_path_factory):
     return write_clip(tmp_path_factory.mktemp("clip") / "dance.mp4", frames, fps=29, tone_hz=440)
 
 
-def test_output_keeps_the_audio_and_the_published_layout_adds_the_reference_frame(
+def test_output_keeps_the_audio_and_the_reference_pose_first_adds_a_silent_frame(
         shared_data, clip_with_audio, tmp_path, capsys):
     from tests.helpers import read_audio
 
+    preset = tmp_path / "tiny-reference-first.yaml"
+    preset.write_text((cli.Path(__file__).parents[1] / "configs" / "tiny.yaml").read_text()
+                      + "prepend_reference_pose: true\nreference_pose_in_every_window: true\n")
     out = tmp_path / "anim.mp4"
     code, stdout, _ = run(capsys, "--ref", shared_data / "ref_controlnext_v2_01.jpeg", "--pose", clip_with_audio,
-                          "--preset", "tiny", "--stride", "2", "--max-frames", "5", "--published-sampling",
+                          "--preset", preset, "--stride", "2", "--max-frames", "6",
                           "-o", out, "--cache-dir", tmp_path / "cache")
     assert code == 0 and "6 frames at 14.5 fps, with the driving clip's audio" in stdout  # 5 + the reference pose
     samples, rate = read_audio(out)
@@ -224,6 +227,21 @@ def test_output_keeps_the_audio_and_the_published_layout_adds_the_reference_fram
     assert code == 0 and "5 frames at 14.5 fps" in stdout and "driving clip's audio" not in stdout
     with av.open(str(out)) as container:
         assert not container.streams.audio
+
+
+def test_published_sampling_end_to_end(shared_data, clip_with_audio, tmp_path, capsys):
+    """Frame count includes the reference pose (max 5 -> 4 driving + 1), fps floored (29 // 2), no audio;
+    MediaPipe only when named."""
+    out = tmp_path / "anim.mp4"
+    args = ["--ref", shared_data / "ref_controlnext_v2_01.jpeg", "--pose", clip_with_audio, "--preset", "tiny",
+            "--stride", "2", "--max-frames", "5", "--published-sampling", "-o", out, "--cache-dir", tmp_path / "c"]
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "--published-sampling needs DWPose" in err and not out.exists()
+    assert [line for line in err.splitlines() if line.startswith("svd-animate:")] == err.splitlines()[-1:]
+    code, stdout, _ = run(capsys, *args, "--detector", "mediapipe")
+    assert code == 0 and "5 frames at 14 fps" in stdout and "audio" not in stdout
+    with av.open(str(out)) as container:
+        assert not container.streams.audio and float(container.streams.video[0].average_rate) == 14
 
 
 class RecordingPipe:
@@ -285,7 +303,7 @@ def test_each_reference_is_detected_once_for_many_jobs(inputs, tmp_path, monkeyp
 
     calls = []
 
-    def detect(path, detector):
+    def detect(path, detector, image):
         calls.append(path)
         return (PoseSequence.stack([make_pose({0: (0.5, 0.3), 1: (0.5, 0.4)})], 64, 64, fps=1),
                 np.full((64, 64, 3), 128, np.uint8))
