@@ -204,6 +204,13 @@ def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, dete
     return poses, ref.image
 
 
+def extract_settings(config: AnimateConfig) -> ExtractSettings:
+    """What is extracted from the driving video: the kept frames, or (published, to fit the alignment) every
+    strided frame of the whole video."""
+    whole_video = config.published_sampling and config.align != "none"
+    return ExtractSettings(stride=config.stride, max_frames=None if whole_video else driving_frames_cap(config))
+
+
 def driving_poses(video: Path, ref: Reference, config: AnimateConfig, detector: Callable[[], PoseDetector],
                   cache: PoseCache | None, progress: bool) -> PoseSequence:
     """The driving poses in the reference pose's frame. Ours fits the alignment on the kept frames and
@@ -211,9 +218,7 @@ def driving_poses(video: Path, ref: Reference, config: AnimateConfig, detector: 
     (`dwpose/preprocess.py`, `get_video_pose`: `max_frame_num` is computed there but never used), then
     keeps the first frames."""
     cap = driving_frames_cap(config)
-    whole_video = config.published_sampling and config.align != "none"
-    settings = ExtractSettings(stride=config.stride, max_frames=None if whole_video else cap)
-    poses = extract_video(video, detector(), settings, cache, progress=progress).poses
+    poses = extract_video(video, detector(), extract_settings(config), cache, progress=progress).poses
     if config.align != "none":
         poses = align(poses, ref.pose, config.align, fit_threshold=None if config.published_sampling else VISIBLE)
     else:

@@ -328,14 +328,14 @@ def job_overrides(job: Job) -> dict:
 def pose_cache_state(job: Job, config, cache, detector) -> str:
     """'cached', 'to extract', or 'npz' (no extraction) for a job's driving clip."""
     from pose.cache import cache_key, file_digest
-    from pose.extract import ExtractSettings
+
+    from .animate import extract_settings
 
     if job.pose.suffix.lower() == ".npz":
         return "npz"
     if cache is None:
         return "to extract"
-    config = config.replace(**job_overrides(job))
-    settings = ExtractSettings(stride=config.stride, max_frames=config.max_frames)
+    settings = extract_settings(config.replace(**job_overrides(job)))
     key = cache_key(file_digest(job.pose), detector.name, detector.settings(), dataclasses.asdict(settings))
     return "cached" if cache.path(key).is_file() else "to extract"
 
