@@ -169,12 +169,15 @@ def test_overlap_features_reused_equal_encoding_every_window(components):
     every = ControlNeXtSVDPipeline(**{**components, "pose_encoder": temporal})
     full = every(reference_image(), pose_frames(7), **kwargs).frames
     assert (reused.control_frames, every.control_frames) == (STEPS * 7, STEPS * 12)
-    torch.testing.assert_close(once, full, rtol=0, atol=1e-5)
+    # Same arithmetic on batches of other shapes: float32 rounding only, which differs between CPUs
+    # (1.0e-5 seen on one); a bound relative to the latents' size holds on any of them.
+    tolerance = 1e-5 * (1 + once.abs().max().item())
+    torch.testing.assert_close(once, full, rtol=1e-5, atol=tolerance)
     kwargs["generator"] = torch.Generator().manual_seed(0)
     published = reused(reference_image(), pose_frames(7), reference_pose_in_every_window=True, **kwargs).frames
     kwargs["generator"] = torch.Generator().manual_seed(0)
     published_full = every(reference_image(), pose_frames(7), reference_pose_in_every_window=True, **kwargs).frames
-    torch.testing.assert_close(published, published_full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(published, published_full, rtol=1e-5, atol=tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

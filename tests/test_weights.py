@@ -7,8 +7,7 @@ from safetensors.torch import save_file
 import cli
 from pose.errors import InputError
 from svd_controlnext.encoder import PoseEncoder
-from svd_controlnext.tiny import tiny_unet
-from svd_controlnext.weights import convert, load_pose_encoder, load_state_dict_file, load_unet_checkpoint
+from svd_controlnext.weights import convert, load_pose_encoder, load_state_dict_file
 
 
 @pytest.fixture(scope="module")
@@ -92,38 +91,6 @@ def test_garbage_and_missing_files(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.bin")
     with pytest.raises(InputError, match="not a plain"):
         load_state_dict_file(tmp_path / "list.bin")
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    torch.manual_seed(0)
-    unet = tiny_unet()
-    base = tmp_path_factory.mktemp("base")
-    unet.save_pretrained(base / "unet")
-    torch.manual_seed(1)
-    finetuned = tiny_unet()  # "unet.bin": a full state dict with other values
-    torch.save(finetuned.state_dict(), base / "unet.bin")
-    return base, finetuned
-
-
-def test_unet_bin_converts_into_the_base_architecture(published, tiny_base, tmp_path):
-    from diffusers import UNetSpatioTemporalConditionModel
-
-    base, finetuned = tiny_base
-    out = convert(published[1], tmp_path / "weights", unet=base / "unet.bin", base=base)
-    loaded = UNetSpatioTemporalConditionModel.from_pretrained(out / "unet")
-    for key, value in finetuned.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
-
-
-def test_unet_bin_of_another_model_is_refused(tiny_base, tmp_path):
-    base, finetuned = tiny_base
-    state = dict(finetuned.state_dict())
-    state["conv_in.weight"] = torch.zeros(32, 4, 3, 3)
-    state["controlnext.extra"] = torch.zeros(1)
-    torch.save(state, tmp_path / "unet.bin")
-    with pytest.raises(InputError, match=r"does not fit the SVD UNet.*controlnext.extra.*conv_in.weight has shape"):
-        load_unet_checkpoint(tmp_path / "unet.bin", base)
 
 
 def test_convert_command(published, tmp_path, capsys):
