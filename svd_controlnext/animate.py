@@ -98,7 +98,7 @@ def load_published_pipeline(config: AnimateConfig, weights: Path | None, dtype: 
     unet = load_unet(config.base_model, unet_weights, dtype)
     try:
         return ControlNeXtSVDPipeline.from_pretrained(config.base_model, pose_encoder=encoder, unet=unet,
-                                                      torch_dtype=dtype)
+                                                      dtype=dtype)
     except Exception as e:  # noqa: BLE001 - hub, file and config errors all end the run in one line
         raise InputError(f"cannot load the base model {config.base_model}: {hub_error_message(e, config.base_model)}"
                          ) from None

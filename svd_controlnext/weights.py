@@ -398,7 +398,7 @@ def _pretrained_unet(base, dtype: torch.dtype):
     """The base model's own UNet, as the published script loads it (from_pretrained, low_cpu_mem_usage)."""
     _check_base_folder(base)
     try:
-        return _unet_class().from_pretrained(str(base), subfolder="unet", torch_dtype=dtype, low_cpu_mem_usage=True,
+        return _unet_class().from_pretrained(str(base), subfolder="unet", dtype=dtype, low_cpu_mem_usage=True,
                                              local_files_only=hub_offline())
     except Exception as e:  # noqa: BLE001 - hub, file and format errors all become one line
         raise InputError(f"cannot load the UNet of the base model {base}: {_base_error(e, base)}") from None
@@ -462,7 +462,7 @@ def _load_unet(base_model, unet_weights, dtype, cache_dir, use_cache: bool):
     folder = _diffusers_unet_folder(unet_weights)
     if folder is not None:
         try:
-            return _unet_class().from_pretrained(str(folder), torch_dtype=dtype, low_cpu_mem_usage=True)
+            return _unet_class().from_pretrained(str(folder), dtype=dtype, low_cpu_mem_usage=True)
         except Exception as e:  # noqa: BLE001
             raise InputError(f"{folder}: not a loadable diffusers UNet folder ({_first_line(e)})") from None
     file = resolve_file(unet_weights, UNET_FILE)

@@ -161,3 +161,51 @@ def test_fusion_weights_sum_to_one_in_fp32_where_three_windows_overlap():
             assert 1 - total[2] == pytest.approx(miss, rel=1e-9)
         else:
             assert abs(1 - total).max() <= torch.finfo(torch.float32).eps
+
+
+def test_preset_loads_base_plus_unet_bin_plus_control_weights(tmp_path, caplog):
+    """`load_pipeline` assembles the published model from local files: the base folder's pretrained UNet
+    with a published-format unet.bin over it (a tensor missing from the file keeps the base's value), the
+    base's VAE and CLIP, and the control encoder."""
+    from diffusers import StableVideoDiffusionPipeline
+
+    from svd_controlnext.animate import load_pipeline
+    from svd_controlnext.tiny import tiny_components
+
+    base = tiny_components(0)
+    encoder = base.pop("pose_encoder")
+    StableVideoDiffusionPipeline(**base).save_pretrained(tmp_path / "base")
+    encoder.save_pretrained(tmp_path / "control")
+    fine_tuned = {key: value + 1 for key, value in base["unet"].state_dict().items()}
+    missing = "conv_out.bias"
+    del fine_tuned[missing]
+    torch.save(fine_tuned, tmp_path / "unet.bin")
+    config = AnimateConfig(base_model=str(tmp_path / "base"), control_weights=str(tmp_path / "control"),
+                           unet_weights=str(tmp_path / "unet.bin"), dtype="fp32")
+    pipe = load_pipeline(config, None, "cpu", torch.float32)
+    state = pipe.unet.state_dict()
+    assert torch.equal(state["conv_in.weight"], fine_tuned["conv_in.weight"])
+    assert torch.equal(state[missing], base["unet"].state_dict()[missing])
+    assert torch.equal(pipe.vae.state_dict()["decoder.conv_out.weight"], base["vae"].state_dict()["decoder.conv_out.weight"])
+    assert all(torch.equal(a, b) for a, b in zip(pipe.pose_encoder.state_dict().values(), encoder.state_dict().values()))
+
+
+def test_a_gated_base_model_is_one_line(tmp_path, monkeypatch):
+    from svd_controlnext import weights
+    from svd_controlnext.animate import load_pipeline
+    from svd_controlnext.pipeline import ControlNeXtSVDPipeline
+    from svd_controlnext.tiny import tiny_pose_encoder, tiny_unet
+    from tests.test_weights_hub import hub_error
+
+    tiny_pose_encoder().save_pretrained(tmp_path / "control")
+    config = AnimateConfig(control_weights=str(tmp_path / "control"), unet_weights=None)
+
+    def gated(*args, **kwargs):
+        raise OSError("cannot load") from hub_error(401, "GatedRepo", f"https://huggingface.co/api/models/{config.base_model}")
+
+    monkeypatch.setattr(weights, "load_unet", lambda *args, **kwargs: tiny_unet())
+    monkeypatch.setattr(ControlNeXtSVDPipeline, "from_pretrained", gated)
+    with pytest.raises(InputError) as info:
+        load_pipeline(config, None, "cpu", torch.float32)
+    message = str(info.value)
+    assert len(message.splitlines()) == 1 and "accept its licence" in message and "hf auth login" in message
