@@ -41,7 +41,9 @@ def add_pose_source_options(p, align_default: str | None) -> None:
     from pose.detect import DETECTORS
 
     p.add_argument("--detector", choices=DETECTORS,
-                   help="pose backend (default: auto = DWPose if its weights are available here, else MediaPipe)")
+                   help="pose backend (default: auto = DWPose, fetched once from the hub yzd-v/DWPose (~350 MB) when "
+                        "not found locally; MediaPipe, with a warning, when offline or HF_HUB_OFFLINE=1. dwpose: an "
+                        "error instead of falling back; mediapipe: never uses the network)")
     p.add_argument("--dwpose-dir", type=Path, help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx")
     if align_default is not None:
         p.add_argument("--align", choices=[*ALIGN_METHODS, "none"],

@@ -121,28 +121,12 @@ def test_no_person_box_means_no_pose(tmp_path):
     assert detector.detect(np.zeros((64, 64, 3), np.uint8)) is None
 
 
-def test_find_weights_and_auto_choice(weights_dir, tmp_path, monkeypatch):
+def test_find_weights_in_a_folder(weights_dir, tmp_path):
     assert find_weights(weights_dir) == (weights_dir / DETECTOR_FILE, weights_dir / POSE_FILE)
     half = tmp_path / "half"
     half.mkdir()
     (half / DETECTOR_FILE).write_bytes(b"x")
     assert find_weights(half) is None
-    assert load_detector("auto", dwpose_dir=weights_dir).name == "dwpose"
-    monkeypatch.setenv("SVD_ANIMATE_DWPOSE_DIR", str(weights_dir))
-    assert load_detector("auto").name == "dwpose"
-    monkeypatch.delenv("SVD_ANIMATE_DWPOSE_DIR")
-    assert load_detector("auto").name == "mediapipe"
-
-
-def test_dwpose_without_weights_offline_is_a_clear_error(monkeypatch):
-    import huggingface_hub
-
-    def offline(*args, **kwargs):
-        raise OSError("no network")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    with pytest.raises(InputError, match="could not be downloaded from yzd-v/DWPose.*--dwpose-dir"):
-        load_detector("dwpose")
 
 
 def test_missing_dwpose_folder(tmp_path):

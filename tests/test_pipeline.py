@@ -20,7 +20,11 @@ def components():
 
 
 def reference_image():
-    return torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    """A PIL image, as users pass it: diffusers resizes it for CLIP (a tensor would have to be 224 already)."""
+    from PIL import Image
+
+    pixels = torch.randint(0, 256, (SIZE, SIZE, 3), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
 
 
 def call_kwargs(**overrides):

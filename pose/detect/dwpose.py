@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import cv2
@@ -177,9 +178,76 @@ def wholebody_to_openpose(keypoints: np.ndarray, scores: np.ndarray, width: int,
 
 # ---- weights and the detector -----------------------------------------------------------------
 
+# One HEAD request with this deadline (DNS included) decides whether the hub answers at all; see hub_reachable.
+PROBE_TIMEOUT = 5.0
+OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub counts as "set"
+
+
+class WeightsUnavailable(InputError):
+    """The two ONNX files are neither here nor downloadable now; `reason` says why in a few words, so that
+    `auto` can fall back with a short warning while `--detector dwpose` shows the whole line."""
+
+    def __init__(self, repo: str, reason: str):
+        self.reason = reason
+        super().__init__(f"DWPose weights could not be downloaded from {repo} ({reason}); put {DETECTOR_FILE} and "
+                         f"{POSE_FILE} in a folder and pass --dwpose-dir")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) read now: huggingface_hub reads it once at import."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in OFFLINE_VALUES
+
+
+def hub_endpoint() -> str:
+    """$HF_ENDPOINT read now (a mirror or a private hub), else the library's default."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def probe_timeout() -> float:
+    """$HF_HUB_ETAG_TIMEOUT when set: the hub's own knob for its first metadata request, which a user on a
+    slow link raises already; else PROBE_TIMEOUT."""
+    try:
+        return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or PROBE_TIMEOUT)
+    except ValueError:
+        return PROBE_TIMEOUT
+
+
+def _answers(url: str, timeout: float) -> bool:
+    """One HEAD through the hub client's own session (its proxies, certificates and client factory, so the
+    probe fails exactly when the download would); any status, even 401/404/5xx, is an answer."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(url, timeout=timeout)
+        return True
+    except Exception:
+        return False
+
+
+def hub_reachable(url: str, timeout: float | None = None) -> bool:
+    """Does anything answer HTTP at `url` within `timeout` seconds? One request, no retries.
+
+    huggingface_hub retries an unreachable hub with backoff (23 s of waiting with huggingface_hub 2.4 when
+    DNS fails; minutes when connections hang), so an offline run would stall before falling back. The
+    deadline is enforced around the whole request, DNS lookup included (a socket timeout does not cover
+    it). Only this probe is short: the download itself keeps the hub's timeouts and retries, so a slow
+    but working connection is not cut short.
+    """
+    timeout = probe_timeout() if timeout is None else timeout
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(_answers(url, timeout)), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
 def find_weights(source: str | os.PathLike | None = None, download: bool = False) -> tuple[Path, Path] | None:
     """Locate the two ONNX files: a folder, $SVD_ANIMATE_DWPOSE_DIR, the hub cache, or (download=True)
-    the hub repo `yzd-v/DWPose`. None when they are not available."""
+    the hub repo `yzd-v/DWPose`. None when they are not here and download=False; WeightsUnavailable
+    when the download is impossible (HF_HUB_OFFLINE, hub unreachable, hub error)."""
     folders = [Path(p) for p in (source, os.environ.get(ENV_DIR)) if p and Path(p).is_dir()]
     for folder in folders:
         det, pose = folder / DETECTOR_FILE, folder / POSE_FILE
@@ -199,11 +267,17 @@ def find_weights(source: str | os.PathLike | None = None, download: bool = False
         return Path(cached[0]), Path(cached[1])
     if not download:
         return None
+    if hub_offline():
+        raise WeightsUnavailable(repo, "HF_HUB_OFFLINE is set")
+    endpoint = hub_endpoint()
+    if not hub_reachable(f"{endpoint}/api/models/{repo}"):
+        raise WeightsUnavailable(repo, f"{endpoint} unreachable")
+    logger.info("fetching DWPose weights from %s/%s (about 350 MB, first run only)", endpoint, repo)
     try:
-        return tuple(Path(hf_hub_download(repo, name, cache_dir=cache_dir)) for name in (DETECTOR_FILE, POSE_FILE))
-    except Exception as e:  # network, auth, missing repo: all mean "not available here"
-        raise InputError(f"DWPose weights could not be downloaded from {repo} ({type(e).__name__}: {e}); "
-                         f"put {DETECTOR_FILE} and {POSE_FILE} in a folder and pass --dwpose-dir") from None
+        return tuple(Path(hf_hub_download(repo, name, cache_dir=cache_dir, endpoint=endpoint))
+                     for name in (DETECTOR_FILE, POSE_FILE))
+    except Exception as e:  # auth, missing repo or file, a connection lost midway
+        raise WeightsUnavailable(repo, " ".join(f"{type(e).__name__}: {e}".split())) from None
 
 
 class DWPoseDetector(PoseDetector):
