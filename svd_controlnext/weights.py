@@ -30,6 +30,7 @@ import torch
 from pose.atomic import publish
 from pose.cache import ENV_DIR, default_cache_dir
 from pose.errors import InputError
+from pose.hub import hub_offline
 
 from .encoder import PoseEncoder
 
@@ -43,7 +44,6 @@ BASE_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"
 
 CACHE_FORMAT = 1  # bump when the converted files' layout changes: old entries are then never hit
 MIB = 1 << 20
-_TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's spelling of a true environment flag
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                        torch.uint8: "U8", torch.bool: "BOOL"}
@@ -104,18 +104,6 @@ def _some(keys: list[str], limit: int = 4) -> str:
 
 
 # --- the hub -------------------------------------------------------------------------------------
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now.
-
-    huggingface_hub reads the variable once, at import; a value set later (a wrapper script, a test)
-    would otherwise cost ~25 s of connection retries before the same "not cached" error.
-    """
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or any(
-        os.environ.get(name, "").strip().upper() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
 
 def _error_chain(error: BaseException) -> list[BaseException]:
     """The error and the ones it was raised from: diffusers re-raises hub errors as OSError."""

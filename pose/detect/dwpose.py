@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from ..errors import InputError
+from ..hub import hub_offline
 from .base import PoseDetector, choose_box, empty_pose
 
 logger = logging.getLogger(__name__)
@@ -180,7 +181,6 @@ def wholebody_to_openpose(keypoints: np.ndarray, scores: np.ndarray, width: int,
 
 # One HEAD request with this deadline (DNS included) decides whether the hub answers at all; see hub_reachable.
 PROBE_TIMEOUT = 5.0
-OFFLINE_VALUES = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub counts as "set"
 
 
 class WeightsUnavailable(InputError):
@@ -191,12 +191,6 @@ class WeightsUnavailable(InputError):
         self.reason = reason
         super().__init__(f"DWPose weights could not be downloaded from {repo} ({reason}); put {DETECTOR_FILE} and "
                          f"{POSE_FILE} in a folder and pass --dwpose-dir")
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) read now: huggingface_hub reads it once at import."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in OFFLINE_VALUES
 
 
 def hub_endpoint() -> str:
