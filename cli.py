@@ -158,8 +158,8 @@ def add_generation_options(p) -> None:
     p.add_argument("--overlap", type=int, help="frames shared by neighbouring windows")
     p.add_argument("--fusion", choices=FUSION_MODES, help="how overlapping windows are blended")
     p.add_argument("--published-sampling", action="store_true",
-                   help="compute what the published ControlNeXt-SVD-v2 code computes: reference pose as frame 0 and "
-                        "at position 0 of every window, plain window mean, its reference framing and alignment fit, "
+                   help="the published ControlNeXt-SVD-v2 path: its sampler exactly (reference pose as frame 0 and at "
+                        "position 0 of every window, plain window mean), its reference framing and alignment fit, "
                         "DWPose, fp32, decode chunks of 2, at most 240 frames, fps floored, no audio (flags given "
                         "explicitly still win; README: differences)")
     p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
@@ -191,7 +191,10 @@ def config_from_args(args):
         control_weights=args.control_weights, unet_weights=args.unet_weights)
     config = load_preset(args.preset)
     if args.published_sampling:
-        config = with_published_sampling(config, explicit=[key for key, value in flags.items() if value is not None])
+        explicit = [key for key, value in flags.items() if value is not None]
+        if args.low_vram:  # its one-frame decode chunks win over the published 2, as an explicit --decode-chunk would
+            explicit.append("decode_chunk_size")
+        config = with_published_sampling(config, explicit)
     return config.replace(**flags)
 
 

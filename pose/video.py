@@ -150,8 +150,9 @@ def iter_frames(
                        path, index + 1, declared)
 
 
-def read_image(path) -> np.ndarray:
-    """An image file as RGB uint8 (H, W, 3), EXIF orientation applied by OpenCV."""
+def read_image(path, orientation: bool = True) -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3), EXIF orientation applied by OpenCV (`orientation=False`
+    ignores it, as PIL's plain loader does)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -159,7 +160,8 @@ def read_image(path) -> np.ndarray:
         raise InputError(f"{path}: not a file")
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: permission denied")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    flags = cv2.IMREAD_COLOR if orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imread(str(path), flags)
     if image is None:
         raise InputError(f"{path}: not a readable image")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -156,7 +156,7 @@ class Reference:
 
 def load_reference(path: Path, config: AnimateConfig, detector: Callable[[], PoseDetector] | None) -> Reference:
     """Read, frame and (when `detector` is given) detect the reference as `config` asks."""
-    original = read_image(path)
+    original = read_image(path, orientation=not config.published_sampling)  # published: PIL's loader, no EXIF
     if config.published_sampling:
         image = crop_reference_published(original, config.width, config.height)
         seen = image
@@ -195,12 +195,16 @@ def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, dete
             logger.info("%s: poses are not aligned to a reference; used as they are", pose_input)
         if config.prepend_reference_pose and (poses.width, poses.height) != ref.original_size:
             raise InputError(NOT_ALIGNED)
+        if config.published_sampling:
+            logger.warning("%s: poses keep the alignment `svd-animate pose` gave them; the published fit "
+                           "(whole video, every keypoint) needs the driving video as --pose", pose_input)
         poses = poses.select(slice(0, cap)) if cap else poses
     else:
         poses = driving_poses(pose_input, ref, config, detector, cache, progress)
-    poses = crop_poses(poses, config.width, config.height)
+    published = config.published_sampling
+    poses = crop_poses(poses, config.width, config.height, published)
     if config.prepend_reference_pose:
-        poses = prepend_pose(poses, crop_poses(ref.pose, config.width, config.height))
+        poses = prepend_pose(poses, crop_poses(ref.pose, config.width, config.height, published))
     return poses, ref.image
 
 
@@ -221,9 +225,8 @@ def driving_poses(video: Path, ref: Reference, config: AnimateConfig, detector: 
     poses = extract_video(video, detector(), extract_settings(config), cache, progress=progress).poses
     if config.align != "none":
         poses = align(poses, ref.pose, config.align, fit_threshold=None if config.published_sampling else VISIBLE)
-    else:
-        width, height = ref.original_size if not config.published_sampling else (config.width, config.height)
-        poses = poses.replace(width=width, height=height)
+    else:  # the driving frame laid over the whole reference image, then through its framing
+        poses = poses.replace(width=ref.original_size[0], height=ref.original_size[1])
     return poses.select(slice(0, cap)) if cap else poses
 
 
@@ -241,7 +244,7 @@ def prepend_pose(poses: PoseSequence, ref_pose: PoseSequence) -> PoseSequence:
 def output_fps(poses: PoseSequence, config: AnimateConfig) -> float:
     """Source fps / stride; published floors it (`run_controlnext.py`: `get_avg_fps() // sample_stride`)."""
     source_fps, stride = poses.meta.get("source_fps"), poses.meta.get("stride", 1)
-    if config.published_sampling and source_fps:
+    if config.published_sampling and source_fps and source_fps >= stride:  # (the published code writes 0 fps)
         return float(source_fps // stride)
     return poses.fps
 
@@ -281,6 +284,12 @@ def audio_for(pose_input: Path, poses: PoseSequence) -> AudioClip | None:
 LOAD_KEYS = ("base_model", "control_weights", "unet_weights", "dtype", "offload", "compile", "low_vram", "detector")
 
 
+def detector_name(config: AnimateConfig) -> str:
+    """The backend a run asks `load_detector` for: under --published-sampling `auto` means DWPose (the
+    skeletons the published weights learnt from), MediaPipe only when named."""
+    return "dwpose" if config.published_sampling and config.detector == "auto" else config.detector
+
+
 class Animator:
     """Loads the pose detector and the pipeline once (each on first use) and animates any number of
     (reference, driving poses) pairs with them; `__call__` takes per-job overrides of the config."""
@@ -303,9 +312,7 @@ class Animator:
         """The configured pose detector. The published skeletons come from DWPose and MediaPipe's differ
         (other joints, hands and face), so under --published-sampling `auto` means DWPose or an error."""
         if self._detector is None:
-            name = self.config.detector
-            if self.config.published_sampling and name == "auto":
-                name = "dwpose"
+            name = detector_name(self.config)
             try:
                 detector = load_detector(name, dwpose_dir=self.dwpose_dir)
             except InputError as e:

@@ -344,10 +344,12 @@ def dry_run_listing(jobs: list[Job], config, args, unreadable: dict[Path, str]) 
     from pose.cache import PoseCache
     from pose.detect import load_detector
 
+    from .animate import detector_name
+
     cache = None if args.no_cache else PoseCache(args.cache_dir)
     lines = []
     counts = {"run": 0, "skip": 0, "fail": 0}
-    with load_detector(config.detector, dwpose_dir=args.dwpose_dir) as detector:
+    with load_detector(detector_name(config), dwpose_dir=args.dwpose_dir) as detector:
         for job in jobs:
             if job.ref in unreadable or job.pose in unreadable:
                 action = "fail"

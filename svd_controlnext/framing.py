@@ -59,9 +59,17 @@ def crop_reference_published(image: np.ndarray, target_w: int, target_h: int) ->
     return np.ascontiguousarray(resized[top:top + target_h, left:left + target_w])
 
 
-def crop_poses(seq: PoseSequence, target_w: int, target_h: int) -> PoseSequence:
-    """Poses normalised to the uncropped frame -> normalised to the cover-cropped target frame."""
-    scale, left, top = cover_crop(seq.width, seq.height, target_w, target_h)
-    a = (seq.width * scale / target_w, seq.height * scale / target_h)
+def crop_poses(seq: PoseSequence, target_w: int, target_h: int, published: bool = False) -> PoseSequence:
+    """Poses normalised to the uncropped frame -> normalised to the cover-cropped target frame, with the
+    geometry of `crop_reference` (or of `crop_reference_published`), so they stay on the image."""
+    if (seq.width, seq.height) == (target_w, target_h):
+        return seq
+    if published:
+        new_h, new_w = published_cover_size(seq.width, seq.height, target_w, target_h)
+        left, top = int(round((new_w - target_w) / 2.0)), int(round((new_h - target_h) / 2.0))
+    else:
+        scale, left, top = cover_crop(seq.width, seq.height, target_w, target_h)
+        new_w, new_h = seq.width * scale, seq.height * scale
+    a = (new_w / target_w, new_h / target_h)
     b = (-left / target_w, -top / target_h)
     return apply_linear(seq, a, b, target_w, target_h)

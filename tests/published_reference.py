@@ -2,9 +2,12 @@
 
 Written from the published algorithm (dvlab-research/ControlNeXt, `ControlNeXt-SVD-v2/pipeline/
 pipeline_stable_video_diffusion_controlnext.py`, `StableVideoDiffusionPipelineControlNeXt.__call__` and
-`decode_latents`; `models/unet_spatio_temporal_condition_controlnext.py` for the injection), step by step
-and without any of our modules, so that a difference in ours shows up as a difference here. The only
-adaptation: the tiny CLIP takes the same 224-pixel input as ViT-H/14, so nothing else changes.
+`decode_latents`; `models/unet_spatio_temporal_condition_controlnext.py` for the injection), step by step.
+It shares only the models with our code (the tiny components and our `PoseEncoder`: the loop, not the
+models, is what it checks) and the diffusers helpers that the published file copies
+(`_resize_with_antialiasing`, `randn_tensor`), so that a difference in our loop shows up here. The tiny
+CLIP takes the same 224-pixel input as ViT-H/14; the one addition is casting the reference to the VAE's
+dtype, so that the comparison can run in fp64.
 """
 
 from __future__ import annotations

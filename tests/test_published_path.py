@@ -209,3 +209,33 @@ def test_a_gated_base_model_is_one_line(tmp_path, monkeypatch):
         load_pipeline(config, None, "cpu", torch.float32)
     message = str(info.value)
     assert len(message.splitlines()) == 1 and "accept its licence" in message and "hf auth login" in message
+
+
+def test_npz_poses_and_align_none_follow_the_published_framing():
+    """Poses in the reference's original frame go through the framing the image went through: 1000x1500 onto
+    576x1024 has h/w = 1.5 < 1.78, so 1024 rows and ceil(1024 / 1.5) = 683 columns; the published crop starts
+    at column int(round(107 / 2)) = 54 (ours: scale 0.6827, 683 columns, (683 - 576) // 2 = 53)."""
+    from svd_controlnext.framing import crop_poses
+
+    seq = PoseSequence.stack([make_pose({0: (0.5, 0.5), 1: (0.0, 0.25)})], 1000, 1500, fps=10)
+    published = crop_poses(seq, 576, 1024, published=True)
+    np.testing.assert_allclose(published.body[0, 1] * (576, 1024), [-54, 256], atol=1e-3)
+    np.testing.assert_allclose(published.body[0, 0] * (576, 1024), [683 / 2 - 54, 512], atol=1e-3)
+    ours = crop_poses(seq, 576, 1024)
+    np.testing.assert_allclose(ours.body[0, 1] * (576, 1024), [-53, 256], atol=1e-3)
+    same = PoseSequence.stack([make_pose({0: (0.3, 0.7)})], 576, 1024, fps=10)
+    assert crop_poses(same, 576, 1024, published=True) is same  # already in the output frame
+
+
+def test_published_reference_ignores_exif_orientation(tmp_path):
+    """A 40x20 (w x h) photo tagged "rotate 90": ours reads it upright (20x40), published as stored."""
+    from PIL import Image
+
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
+    Image.fromarray(np.full((20, 40, 3), 90, np.uint8)).save(path, exif=exif)
+    from pose.video import read_image
+
+    assert read_image(path).shape[:2] == (40, 20)
+    assert read_image(path, orientation=False).shape[:2] == (20, 40)
