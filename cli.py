@@ -335,7 +335,8 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--output-dir", type=Path, help="run folder")
     p.add_argument("--max-steps", type=_positive_int)
     p.add_argument("--learning-rate", type=float)
-    p.add_argument("--trainable", help="encoder, encoder+unet-subset, encoder+unet or lora")
+    p.add_argument("--trainable", help="encoder (default: fits one GPU), encoder+unet-subset, encoder+unet (what the "
+                                       "published v2 run trained: 8 GPUs, DeepSpeed ZeRO-2) or lora")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", help="`latest` (the newest checkpoint in the run folder) or a checkpoint folder")

@@ -75,12 +75,77 @@ def test_published_layout(tmp_path):
     frames = square_frames(10, 64, 64)
     write_clip(tmp_path / "v.mp4", frames)
     write_clip(tmp_path / "g.mp4", [255 - f for f in frames])
-    (tmp_path / "meta_info.json").write_text(json.dumps([{"video_path": "v.mp4", "guide_path": "g.mp4",
-                                                          "meta_info": "unused.json"}]))
+    (tmp_path / "meta_info.json").write_text(json.dumps([{"video_path": "v.mp4", "guide_path": "g.mp4"}]))
     clips = read_clips(tmp_path)
-    assert [(c.video.name, c.guide.name, c.frames) for c in clips] == [("v.mp4", "g.mp4", 10)]
-    sample = PoseVideoDataset(tmp_path, num_frames=3, interval=2, width=64, height=64)[0]
+    assert [(c.video.name, c.guide.name, c.frames, c.meta) for c in clips] == [("v.mp4", "g.mp4", 10, None)]
+    sample = PoseVideoDataset(tmp_path, num_frames=3, interval=2, width=64, height=64, hand_loss_weight=4.2)[0]
     assert sample["poses"].shape == (3, 3, 64, 64) and sample["poses"].mean() > 0.8  # the inverted guide frames
+    assert sample["hand_weights"].unique().tolist() == [1.0]  # no meta_info: no hand boxes
+
+
+def write_published_dataset(folder: Path, frames: int = 6) -> Path:
+    """meta_info.json layout, 64x64: a video whose left half is red, a pose video whose left half is stored
+    red too (the published loader swaps it to blue), and per-frame detections with a confident hand box
+    ((0.25, 0.25), (0.5, 0.5)) and an unconfident one."""
+    frame = np.zeros((64, 64, 3), np.uint8)
+    frame[:, :32] = (255, 0, 0)
+    write_clip(folder / "v.mp4", [frame] * frames)
+    write_clip(folder / "g.mp4", [frame] * frames)
+    detections = {"boxes": [[[0.1, 0.1], [0.9, 0.9]]],
+                  "hands_boxes": [[[0.25, 0.25], [0.5, 0.5]], [[0.6, 0.6], [0.9, 0.9]]],
+                  "hands_score": [[0.8] * 21, [0.3] * 21]}
+    (folder / "meta").mkdir()
+    (folder / "meta" / "v.json").write_text(json.dumps([detections] * frames))
+    (folder / "meta_info.json").write_text(json.dumps([{"video_path": "v.mp4", "guide_path": "g.mp4",
+                                                        "meta_info": "meta/v.json"}]))
+    return folder
+
+
+def test_published_layout_pose_colours_and_hand_weights(tmp_path):
+    from svd_controlnext.train.objective import latent_weights
+
+    data = PoseVideoDataset(write_published_dataset(tmp_path), num_frames=3, interval=2, width=64, height=64,
+                            hand_loss_weight=4.2)
+    sample = data[0]
+    # BGR->RGB as published: the red stored in the pose video is blue to the encoder; the RGB video stays red
+    assert torch.allclose(sample["poses"][:, :, 32, 8], torch.tensor([0.0, 0.0, 1.0]).expand(3, 3), atol=0.05)
+    assert torch.allclose(sample["pixels"][:, :, 32, 8], torch.tensor([1.0, -1.0, -1.0]).expand(3, 3), atol=0.1)
+    # 1 + 4 x 0.8 = 4.2 in the confident box: x, y from int(16) - 10 = 6 to int(32) + 10 = 42; frame 0 stays 1
+    weights = sample["hand_weights"]
+    assert weights[0].unique().tolist() == [1.0]
+    expected = torch.ones(64, 64)
+    expected[6:42, 6:42] = 4.2
+    assert torch.allclose(weights[1:], expected.expand(2, 64, 64))
+    # average-pooled to the 8x8 latent grid: per 8-px block, the box covers 2/8, 1, 1, 1, 1, 2/8, 0, 0 of it
+    cover = torch.tensor([0.25, 1, 1, 1, 1, 0.25, 0, 0])
+    pooled = latent_weights(weights[None], (8, 8))
+    assert torch.allclose(pooled[0, 1:, 0], (1 + 3.2 * torch.outer(cover, cover)).expand(2, 8, 8))
+    assert pooled[0, 0].unique().tolist() == [1.0]
+    unweighted = PoseVideoDataset(tmp_path, num_frames=3, interval=2, width=64, height=64, hand_loss_weight=1.0)
+    assert unweighted[0]["hand_weights"].unique().tolist() == [1.0]
+
+
+def test_our_layout_hand_boxes_at_the_source_size(tmp_path):
+    """A 128x128 clip trained at 64x64: the box spans the confident keypoints (source px 32..48) widened by
+    10 source px, i.e. 22..58, which is 11..29 after halving; a doubtful keypoint does not stretch it."""
+    from pose.skeleton import PoseSequence
+    from tests.helpers import make_pose
+
+    frames = 4
+    write_clip(tmp_path / "c.mp4", [np.zeros((128, 128, 3), np.uint8)] * frames)
+    hands = np.full((2, 21, 2), np.nan, np.float32)
+    hands[0, :3] = [[0.25, 0.25], [0.375, 0.375], [0.9, 0.9]]
+    pose = make_pose(hands=hands)
+    pose["hands_score"][0, 2] = 0.1
+    (tmp_path / "poses").mkdir()
+    PoseSequence.stack([pose] * frames, 128, 128, fps=10).save(tmp_path / "poses" / "c.npz")
+    (tmp_path / "dataset.json").write_text(json.dumps({"format": "svd-animate.dataset", "version": 1, "clips": [
+        {"video": "c.mp4", "poses": "poses/c.npz", "frames": frames}], "skipped": []}))
+    weights = PoseVideoDataset(tmp_path, num_frames=3, interval=1, width=64, height=64,
+                               hand_loss_weight=4.2)[0]["hand_weights"]
+    expected = torch.ones(64, 64)
+    expected[11:29, 11:29] = 4.2
+    assert torch.allclose(weights[1:], expected.expand(2, 64, 64)) and weights[0].unique().tolist() == [1.0]
 
 
 def test_prepare_data_on_real_clips(shared_data, tmp_path, capsys):
@@ -123,6 +188,30 @@ def test_8bit_adam_without_bitsandbytes(dataset, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     with pytest.raises(InputError, match="use_8bit_adam needs bitsandbytes"):
         tiny_config(dataset, tmp_path, use_8bit_adam=True).check()
+
+
+def test_lr_is_constant_by_default_as_published():
+    """train_svd.py's default scheduler is diffusers' "constant", which ignores the warm-up that script.sh
+    passes (500): the LR is the full one from the first step. A warm-up stays available."""
+    from diffusers.optimization import get_scheduler
+
+    def lrs(config_or_name, steps=3, **kwargs):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-5)
+        scheduler = (get_scheduler(config_or_name, optimizer, **kwargs) if isinstance(config_or_name, str)
+                     else trainer_module.make_lr_scheduler(config_or_name, optimizer))
+        values = []
+        for _ in range(steps):
+            values.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    assert lrs("constant", num_warmup_steps=500) == [1e-5] * 3  # the published behaviour
+    assert TrainConfig().warmup_steps == 0 and load_train_config("controlnext-svd-v2").warmup_steps == 0
+    assert lrs(load_train_config("controlnext-svd-v2")) == [1e-5] * 3
+    assert lrs(TrainConfig(warmup_steps=2)) == pytest.approx([0.0, 0.5e-5, 1e-5])
+    with pytest.raises(InputError, match="warmup_steps must be 0"):
+        TrainConfig(data="d", warmup_steps=-1).check()
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -171,6 +260,36 @@ def test_tiny_training_lowers_the_loss_and_exports_loadable_weights(dataset, tmp
     assert code == 0 and "8 frames" in stdout
 
 
+def test_unet_weights_laid_over_the_base_unet(dataset, tmp_path):
+    """As train_svd.py's --unet_model_name_or_path: the base's UNet, then a published-format unet.bin (a
+    pickled state dict) with strict=False, so tensors the file lacks keep the base's values; for a real base
+    folder and for the tiny one. Training the UNet then starts from those weights."""
+    from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+
+    from svd_controlnext.tiny import tiny_components, tiny_unet
+
+    parts = tiny_components(42)
+    parts.pop("pose_encoder")
+    StableVideoDiffusionPipeline(**parts).save_pretrained(tmp_path / "base")
+    base = parts["unet"].state_dict()
+    torch.manual_seed(7)
+    tuned = {k: v for k, v in tiny_unet().state_dict().items() if not k.startswith("conv_out")}
+    torch.save(tuned, tmp_path / "unet.bin")
+    for base_model in (str(tmp_path / "base"), "tiny"):
+        config = TrainConfig(base_model=base_model, unet_weights=str(tmp_path / "unet.bin"), pose_encoder=None)
+        unet = trainer_module.load_models(config)["unet"].state_dict()
+        assert all(torch.equal(unet[k], tuned[k]) for k in tuned), base_model
+        assert all(torch.equal(unet[k], base[k]) for k in base if k.startswith("conv_out")), base_model
+    with pytest.raises(InputError, match="no such file or folder"):
+        trainer_module.load_models(TrainConfig(base_model="tiny", unet_weights="Pbihao/ControlNeXt", pose_encoder=None))
+
+    result = train(tiny_config(dataset, tmp_path / "run", trainable="encoder+unet", max_steps=1,
+                               unet_weights=str(tmp_path / "unet.bin")), progress=False)
+    trained = UNetSpatioTemporalConditionModel.from_pretrained(result.export_dir / "unet").state_dict()
+    moved = max((trained[k] - tuned[k]).abs().max().item() for k in tuned)
+    assert 0 < moved < 2e-3  # one AdamW step at lr 1e-3 away from the laid-over weights
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(dataset, tmp_path):
     """A warm-up longer than the first leg and EMA make the LR schedule and the EMA state matter too."""
     from safetensors.torch import load_file
@@ -193,6 +312,12 @@ def test_bad_resumes(dataset, tmp_path):
     train(tiny_config(dataset, tmp_path / "run", max_steps=2), progress=False)
     with pytest.raises(InputError, match=r"made with another training config \(differs in: learning_rate\)"):
         train(tiny_config(dataset, tmp_path / "run", learning_rate=0.5), resume="latest", progress=False)
+    state_file = tmp_path / "run" / "checkpoints" / "step-000002" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["unet_weights"]  # a checkpoint from before that key existed
+    state_file.write_text(json.dumps({**state, "fingerprint": "older"}))
+    with pytest.raises(InputError, match=r"\(differs in: unet_weights\)"):
+        train(tiny_config(dataset, tmp_path / "run"), resume="latest", progress=False)
     with pytest.raises(InputError, match="not a checkpoint folder"):
         train(tiny_config(dataset, tmp_path / "run"), resume=str(tmp_path), progress=False)
 

@@ -22,10 +22,19 @@ RESUMABLE_CHANGES = {"max_steps", "output_dir", "data", "validate_every", "check
 
 @dataclasses.dataclass
 class TrainConfig:
-    # Model: the SVD base ("tiny": random tiny components) and where the pose encoder starts from
+    # Model: the SVD base ("tiny": random tiny components), the UNet weights laid over its UNet, and where the
+    # pose encoder starts from. The released encoder was trained with the released UNet (unet.bin), so the two
+    # start together; with `unet_weights: null` the base's own UNet is used.
     base_model: str = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"
+    unet_weights: str | None = "Pbihao/ControlNeXt"  # published unet.bin: hub repo, folder, file, or null
+    # The encoder keeps its own `embedding_padding`: 0 for the published controlnet.bin and for a fresh one, i.e.
+    # the published *inference* variant (the published training copy pads by 1: same weights, control 128x72
+    # instead of 127x71 at 1024x576, both pooled to the injection size). Training with 0 trains the encoder
+    # exactly as `svd-animate` runs it.
     pose_encoder: str | None = "Pbihao/ControlNeXt"  # published weights, a folder, a file, or null (fresh)
     temporal_layers: bool = False  # zero-initialised: starts exactly as the loaded weights
+    # What trains. Default: the encoder only, which fits one GPU. The published v2 run trained the encoder AND
+    # the whole UNet (encoder+unet; 8 GPUs, DeepSpeed ZeRO-2, configs/accelerate/deepspeed_zero2.yaml).
     trainable: str = "encoder"  # encoder | encoder+unet-subset | encoder+unet | lora
     unet_trainable: list[str] = dataclasses.field(default_factory=lambda: ["attn1.to_out", "attn2.to_out"])
     lora_rank: int = 16
@@ -37,14 +46,17 @@ class TrainConfig:
     width: int = 576
     height: int = 1024
     num_workers: int = 2
-    # Optimisation (published: AdamW 1e-5, warm-up 500, clip 1.0, bf16, gradient checkpointing)
+    # Optimisation (published: AdamW 1e-5, constant LR with no warm-up, bf16, gradient checkpointing; its
+    # train_svd.py has its own gradient clipping commented out, and the DeepSpeed config it uses is not published)
     learning_rate: float = 1e-5
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit
-    warmup_steps: int = 500
+    # 0: constant LR from the first step, as published (train_svd.py's default lr_scheduler "constant" ignores
+    # the --lr_warmup_steps 500 that script.sh passes); N > 0: a linear warm-up over N steps, then constant.
+    warmup_steps: int = 0
     max_steps: int = 3000
     batch_size: int = 1
     gradient_accumulation: int = 1
@@ -92,6 +104,8 @@ class TrainConfig:
                     "checkpoint_every", "validate_every", "lora_rank"):
             if getattr(self, key) < 1:
                 raise InputError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.warmup_steps < 0:
+            raise InputError(f"warmup_steps must be 0 (constant LR, as published) or more, got {self.warmup_steps}")
         if self.data is None:
             raise InputError("no training data: pass --data DATASET (from `svd-animate prepare-data`)")
         if self.use_8bit_adam:

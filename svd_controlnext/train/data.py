@@ -2,12 +2,22 @@
 
 Our layout: DATASET/dataset.json lists each clip's video and its poses (.npz, all frames); skeleton
 frames are drawn on the fly at the training size. The published layout (a `meta_info.json` list of
-{video_path, guide_path} with pre-rendered pose videos) is read as it is.
+{video_path, guide_path, meta_info}: pre-rendered pose videos and per-frame detection JSON) is read as
+the published `utils/vid_dataset.py` reads it: pose frames get its BGR->RGB swap (its pose videos are
+stored with red and blue exchanged), and the per-frame `hands_boxes` / `hands_score` give the hand
+loss weights.
 
-A sample, as published: a clip of `num_frames` frames `interval` apart at a random start; frame 0
-replaced (RGB and pose) by a random frame of the same video, which is also the reference image; a
-random crop to the target aspect, then a resize. Randomness comes from (seed, epoch, index), so a
-resumed run sees the same samples as an uninterrupted one.
+A sample, as the published loader makes it: a clip of `num_frames` frames `interval` apart at a random
+start; frame 0 replaced (RGB and pose) by a random frame of the same video, which is also the reference
+image; a random crop to the target aspect, then a resize. Hand loss weights: `hand_loss_weight`
+(1 + 4 x 0.8 = 4.2 as published) inside the box of each hand whose mean keypoint score is > 0.5,
+widened by 10 px at the source size, cropped and resized like the frames; 1 elsewhere and on frame 0.
+Randomness comes from (seed, epoch, index), so a resumed run sees the same samples as an uninterrupted one.
+
+Differences from `utils/vid_dataset.py`: a clip too short for `num_frames` x `interval` is skipped
+(published: the interval shrinks to fit); frames, poses and weights are resized with OpenCV's area
+filter (published: torchvision's antialiased bilinear); a hand box below the score threshold is
+skipped (published: drawn with weight 0, which erases an overlapping confident box).
 """
 
 from __future__ import annotations
@@ -35,6 +45,9 @@ DATASET_FILE = "dataset.json"
 PUBLISHED_FILE = "meta_info.json"
 FORMAT = {"format": "svd-animate.dataset", "version": 1}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"}
+HAND_MARGIN = 10  # px at the source size (vid_dataset.py, draw_mask)
+MIN_HAND_SCORE = 0.5  # a hand counts when the mean of its keypoint scores is above this (vid_dataset.py)
+MIN_POINT_SCORE = 0.3  # a keypoint counts for its hand's box above this (DWPose's visibility threshold)
 
 
 # ---- prepare-data ------------------------------------------------------------------------------
@@ -78,7 +91,8 @@ class Clip:
     video: Path
     frames: int
     poses: Path | None = None  # our layout
-    guide: Path | None = None  # the published layout: a rendered pose video
+    guide: Path | None = None  # the published layout: a rendered pose video (stored BGR)
+    meta: Path | None = None  # the published layout: per-frame detections (hands_boxes, hands_score)
 
 
 def read_clips(dataset) -> list[Clip]:
@@ -96,17 +110,24 @@ def read_clips(dataset) -> list[Clip]:
         entries = _read_json(dataset / PUBLISHED_FILE)
         if not isinstance(entries, list):
             raise InputError(f"{dataset / PUBLISHED_FILE}: expected a list of {{video_path, guide_path}}")
-        clips = []
-        for entry in entries:
-            video, guide = _resolve(dataset, entry["video_path"]), _resolve(dataset, entry["guide_path"])
-            try:
-                frames = min(probe_video(video).num_frames, probe_video(guide).num_frames)
-            except InputError as e:
-                logger.warning("%s (skipped)", e)
-                continue
-            clips.append(Clip(video, frames, guide=guide))
-        return clips
+        clips = [_published_clip(dataset, entry) for entry in entries]
+        return [clip for clip in clips if clip is not None]
     raise InputError(f"{dataset}: has neither {DATASET_FILE} (from `svd-animate prepare-data`) nor {PUBLISHED_FILE}")
+
+
+def _published_clip(dataset: Path, entry: dict) -> Clip | None:
+    """One `meta_info.json` entry as a clip; None (with a warning) when a file it names is unusable."""
+    video, guide = _resolve(dataset, entry["video_path"]), _resolve(dataset, entry["guide_path"])
+    meta = _resolve(dataset, entry["meta_info"]) if entry.get("meta_info") else None
+    if meta is not None and not meta.is_file():
+        logger.warning("%s: no such meta_info file (clip %s skipped)", meta, video)
+        return None
+    try:
+        frames = min(probe_video(video).num_frames, probe_video(guide).num_frames)
+    except InputError as e:
+        logger.warning("%s (skipped)", e)
+        return None
+    return Clip(video, frames, guide=guide, meta=meta)
 
 
 def _read_json(path: Path):
@@ -139,25 +160,46 @@ def crop_box(width: int, height: int, target_w: int, target_h: int, rng: np.rand
     return x, y, crop_w, crop_h
 
 
-def hand_weight_map(frame: dict, width: int, height: int, inside: float, margin: int = 10,
-                    min_score: float = 0.5) -> np.ndarray:
-    """(H, W) loss weights: `inside` within each confident hand's box (+ margin px), 1 elsewhere."""
+def hand_weight_map(boxes, width: int, height: int, inside: float, margin: int = HAND_MARGIN) -> np.ndarray:
+    """(H, W) loss weights at the source size: `inside` within each normalised box ((x0, y0), (x1, y1)),
+    its corners truncated to pixels and widened by `margin` px, clipped to the frame; 1 elsewhere
+    (vid_dataset.py, `draw_mask`, then 1 + 4 x mask)."""
     weights = np.ones((height, width), np.float32)
-    for points, scores in zip(frame["hands"], frame["hands_score"]):
-        if not np.isfinite(points).any() or float(np.nanmean(scores)) <= min_score:
-            continue
-        seen = points[np.isfinite(points).all(axis=1)] * (width, height)
-        x0, y0 = np.floor(seen.min(axis=0)).astype(int) - margin
-        x1, y1 = np.ceil(seen.max(axis=0)).astype(int) + margin
-        weights[max(0, y0):max(0, y1), max(0, x0):max(0, x1)] = inside
+    for (x0, y0), (x1, y1) in boxes:
+        left, top = max(int(x0 * width) - margin, 0), max(int(y0 * height) - margin, 0)
+        right, bottom = min(int(x1 * width) + margin, width), min(int(y1 * height) + margin, height)
+        weights[top:bottom, left:right] = inside
     return weights
+
+
+def published_hand_boxes(detections: dict, min_score: float = MIN_HAND_SCORE) -> list:
+    """The `hands_boxes` of one published meta_info frame whose hand has a mean score > `min_score`.
+    The published loader also draws the other boxes, with weight 0, which erases a confident box
+    where they overlap; here they are skipped."""
+    if "hands_boxes" not in detections or "hands_score" not in detections:
+        return []
+    return [box for box, scores in zip(detections["hands_boxes"], detections["hands_score"])
+            if float(np.mean(scores)) > min_score]
+
+
+def pose_hand_boxes(frame: dict, min_score: float = MIN_HAND_SCORE, min_point_score: float = MIN_POINT_SCORE) -> list:
+    """Normalised boxes around the confident keypoints (score > `min_point_score`) of each hand whose
+    mean keypoint score is > `min_score` (our layout: boxes from the poses, as the published
+    meta_info holds them)."""
+    boxes = []
+    for points, scores in zip(frame["hands"], frame["hands_score"]):
+        confident = np.isfinite(points).all(axis=1) & (scores > min_point_score)
+        if confident.any() and float(np.mean(scores)) > min_score:
+            seen = points[confident]
+            boxes.append((tuple(seen.min(axis=0)), tuple(seen.max(axis=0))))
+    return boxes
 
 
 # ---- the dataset -----------------------------------------------------------------------------------
 
 class PoseVideoDataset(torch.utils.data.Dataset):
     """Samples of `num_frames` frames: pixels (F, 3, H, W) in [-1, 1], poses (F, 3, H, W) in [0, 1],
-    reference (3, H, W) in [-1, 1] (= frame 0), hand_weights (F, H, W)."""
+    reference (3, H, W) in [-1, 1] (= frame 0), hand_weights (F, H, W) (1 on frame 0)."""
 
     def __init__(self, dataset, num_frames: int, interval: int, width: int, height: int, seed: int = 0,
                  hand_loss_weight: float = 1.0):
@@ -192,28 +234,55 @@ class PoseVideoDataset(torch.utils.data.Dataset):
         frames, rng = self.choose_frames(index)
         rgb = _read_frames(clip.video, frames)
         src_h, src_w = rgb[0].shape[:2]
-        x, y, crop_w, crop_h = crop_box(src_w, src_h, self.width, self.height, rng)
-        pixels = np.stack([_crop_resize(f, x, y, crop_w, crop_h, self.width, self.height) for f in rgb])
-        weights = np.ones((len(frames), self.height, self.width), np.float32)
+        crop = crop_box(src_w, src_h, self.width, self.height, rng)
+        pixels = np.stack([self._crop_resize(f, crop) for f in rgb])
         if clip.poses is not None:
-            poses = PoseSequence.load(clip.poses).select(np.array(frames))
-            poses = apply_linear(poses, (src_w / crop_w, src_h / crop_h), (-x / crop_w, -y / crop_h),
-                                 self.width, self.height)
-            skeletons = np.stack([draw_pose(poses.frame(t), self.height, self.width) for t in range(len(frames))])
-            if self.hand_loss_weight != 1.0:
-                weights = np.stack([hand_weight_map(poses.frame(t), self.width, self.height, self.hand_loss_weight)
-                                    for t in range(len(frames))])
+            skeletons, boxes = self._our_poses(clip, frames, crop, src_w, src_h)
         else:
-            guide = _read_frames(clip.guide, frames)
-            skeletons = np.stack([_crop_resize(f, x, y, crop_w, crop_h, self.width, self.height) for f in guide])
+            skeletons, boxes = self._published_poses(clip, frames, crop)
         pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
         return {
             "pixels": pixels,
             "poses": torch.from_numpy(skeletons).permute(0, 3, 1, 2).float() / 255.0,
             "reference": pixels[0].clone(),
-            "hand_weights": torch.from_numpy(weights),
+            "hand_weights": torch.from_numpy(self._hand_weights(boxes, crop, src_w, src_h)),
             "index": index,
         }
+
+    def _our_poses(self, clip: Clip, frames: list[int], crop, src_w: int, src_h: int):
+        """Skeletons drawn at the training size, and the hand boxes of the source-size poses."""
+        x, y, crop_w, crop_h = crop
+        poses = PoseSequence.load(clip.poses).select(np.array(frames))
+        cropped = apply_linear(poses, (src_w / crop_w, src_h / crop_h), (-x / crop_w, -y / crop_h),
+                               self.width, self.height)
+        skeletons = np.stack([draw_pose(cropped.frame(t), self.height, self.width) for t in range(len(frames))])
+        return skeletons, [pose_hand_boxes(poses.frame(t)) for t in range(len(frames))]
+
+    def _published_poses(self, clip: Clip, frames: list[int], crop):
+        """The pose video's frames with the published BGR->RGB swap, and the meta_info hand boxes."""
+        guide = _read_frames(clip.guide, frames)
+        skeletons = np.stack([self._crop_resize(np.ascontiguousarray(f[..., ::-1]), crop) for f in guide])
+        if clip.meta is None or self.hand_loss_weight == 1.0:
+            return skeletons, [[] for _ in frames]
+        detections = _read_json(clip.meta)
+        if not isinstance(detections, list):
+            raise InputError(f"{clip.meta}: expected a list of per-frame detections")
+        return skeletons, [published_hand_boxes(detections[f]) if f < len(detections) else [] for f in frames]
+
+    def _hand_weights(self, boxes: list, crop, src_w: int, src_h: int) -> np.ndarray:
+        """(F, H, W): the hand weight maps built at the source size, cropped and resized like the
+        frames; frame 0 (the reference frame) stays 1, as published."""
+        weights = np.ones((len(boxes), self.height, self.width), np.float32)
+        if self.hand_loss_weight == 1.0:
+            return weights
+        for t, frame_boxes in enumerate(boxes[1:], start=1):
+            if frame_boxes:
+                source = hand_weight_map(frame_boxes, src_w, src_h, self.hand_loss_weight)
+                weights[t] = self._crop_resize(source, crop)
+        return weights
+
+    def _crop_resize(self, frame: np.ndarray, crop) -> np.ndarray:
+        return _crop_resize(frame, *crop, self.width, self.height)
 
 
 def _crop_resize(frame, x, y, w, h, width, height):

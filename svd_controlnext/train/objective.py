@@ -1,7 +1,8 @@
 """The SVD EDM training objective as published for ControlNeXt-SVD-v2 (shared/compat §5), as pure functions.
 
 - sigma ~ the cosine-interpolated log-SNR distribution of "simple diffusion" (image size 64, noise size
-  interpolated from 32 to 64 over the schedule), limited to [sigma_min, sigma_max], sigma_data 0.5;
+  interpolated from 32 at the high-noise end to 64 at the low-noise end), limited to [sigma_min, sigma_max],
+  sigma_data 0.5, stratified across the batch (train_svd.py, `rand_cosine_interpolated`);
 - x_noisy = x0 + sigma * eps; UNet input x_noisy / sqrt(sigma^2 + 1); timestep 0.25 ln sigma (the pose
   encoder gets the same);
 - denoised D = out * (-sigma / sqrt(sigma^2 + 1)) + x_noisy / (sigma^2 + 1) (v-prediction);
@@ -27,31 +28,41 @@ class SigmaDistribution:
     noise_d_high: float = 64.0
 
 
-def _cosine_logsnr(t: torch.Tensor, logsnr_low: float, logsnr_high: float) -> torch.Tensor:
-    """Cosine schedule from logsnr_high (t = 0) down to logsnr_low (t = 1)."""
-    t_min = math.atan(math.exp(-0.5 * logsnr_high))
-    t_max = math.atan(math.exp(-0.5 * logsnr_low))
-    return -2 * torch.log(torch.tan(t_min + t * (t_max - t_min)))
+def _cosine_logsnr(t: torch.Tensor, logsnr_at_0: float, logsnr_at_1: float) -> torch.Tensor:
+    """The cosine log-SNR schedule of "simple diffusion", going from logsnr_at_0 (t = 0) to logsnr_at_1 (t = 1)."""
+    t_0 = math.atan(math.exp(-0.5 * logsnr_at_0))
+    t_1 = math.atan(math.exp(-0.5 * logsnr_at_1))
+    return -2 * torch.log(torch.tan(t_0 + t * (t_1 - t_0)))
 
 
-def _shifted_cosine_logsnr(t, image_d, noise_d, logsnr_low, logsnr_high):
+def _shifted_cosine_logsnr(t, image_d, noise_d, logsnr_at_0, logsnr_at_1):
+    """The cosine schedule shifted by 2 ln(noise_d / image_d) inside, so its ends stay where they are."""
     shift = 2 * math.log(noise_d / image_d)
-    return _cosine_logsnr(t, logsnr_low - shift, logsnr_high - shift) + shift
+    return _cosine_logsnr(t, logsnr_at_0 - shift, logsnr_at_1 - shift) + shift
 
 
 def sigmas_from_uniform(u: torch.Tensor, dist: SigmaDistribution = SigmaDistribution()) -> torch.Tensor:
-    """Map u ~ U(0, 1) to sigmas; u = 0 gives sigma_min and u = 1 gives sigma_max."""
-    logsnr_high = -2 * math.log(dist.sigma_min / dist.sigma_data)
-    logsnr_low = -2 * math.log(dist.sigma_max / dist.sigma_data)
-    low = _shifted_cosine_logsnr(u, dist.image_d, dist.noise_d_low, logsnr_low, logsnr_high)
-    high = _shifted_cosine_logsnr(u, dist.image_d, dist.noise_d_high, logsnr_low, logsnr_high)
-    logsnr = torch.lerp(low, high, u)
-    return dist.sigma_data * torch.exp(-logsnr / 2)
+    """Map u in [0, 1] to sigmas, as train_svd.py's `rand_cosine_interpolated` (k-diffusion's) does:
+    u = 0 gives sigma_max and u = 1 sigma_min, and the log-SNR is lerp(schedule(noise_d_low),
+    schedule(noise_d_high), u), so noise_d_low governs the high-noise end."""
+    logsnr_at_0 = -2 * math.log(dist.sigma_max / dist.sigma_data)
+    logsnr_at_1 = -2 * math.log(dist.sigma_min / dist.sigma_data)
+    low = _shifted_cosine_logsnr(u, dist.image_d, dist.noise_d_low, logsnr_at_0, logsnr_at_1)
+    high = _shifted_cosine_logsnr(u, dist.image_d, dist.noise_d_high, logsnr_at_0, logsnr_at_1)
+    return dist.sigma_data * torch.exp(-torch.lerp(low, high, u) / 2)
+
+
+def stratified_uniform(batch: int, generator: torch.Generator | None = None,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """u_i ~ U[i / batch, (i + 1) / batch): one draw per stratum of [0, 1) across the batch, as
+    train_svd.py draws it (k-diffusion's `stratified_uniform`, group 0 of 1, over the per-process batch)."""
+    return (torch.arange(batch, dtype=dtype) + torch.rand(batch, generator=generator, dtype=dtype)) / batch
 
 
 def sample_sigmas(batch: int, generator: torch.Generator | None = None,
                   dist: SigmaDistribution = SigmaDistribution()) -> torch.Tensor:
-    return sigmas_from_uniform(torch.rand(batch, generator=generator, dtype=torch.float64), dist).float()
+    """The published sigma draw for one (per-process) batch, computed in fp64, returned in fp32."""
+    return sigmas_from_uniform(stratified_uniform(batch, generator), dist).float()
 
 
 def _per_sample(sigma: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -1,8 +1,11 @@
 """`svd-animate train`: the published SVD EDM objective through accelerate (one process or many).
 
-What trains is configuration (`trainable`): the pose encoder; the encoder and the UNet parameters
-whose names contain one of `unet_trainable`; the encoder and the whole UNet; or the encoder and LoRA
-adapters on the UNet (peft). The VAE and CLIP are frozen (and cast to the mixed-precision dtype).
+What trains is configuration (`trainable`): the pose encoder (the default: fits one GPU); the encoder
+and the UNet parameters whose names contain one of `unet_trainable`; the encoder and the whole UNet
+(what the published v2 run trained, train_svd.py); or the encoder and LoRA adapters on the UNet (peft).
+The VAE and CLIP are frozen (and cast to the mixed-precision dtype). The UNet is the base's with
+`unet_weights` (the published unet.bin) laid over it, as train_svd.py's --unet_model_name_or_path does.
+The LR is constant from the first step unless `warmup_steps` > 0 (published: constant, no warm-up).
 
 Every random draw of a step comes from a generator seeded by (seed, step, micro-step, process), and
 samples from (seed, epoch, index) with a seeded sampler, so `--resume latest` continues exactly as an
@@ -16,6 +19,7 @@ import json
 import logging
 import math
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +31,8 @@ from pose.errors import InputError
 
 from ..encoder import PoseEncoder
 from ..injection import ControlInjector
-from .config import TrainConfig
+from ..weights import load_unet
+from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import PoseVideoDataset
 from .objective import conditioning_dropout, edm_loss, latent_weights, sample_sigmas, unet_inputs
 
@@ -46,13 +51,14 @@ def load_models(config: TrainConfig) -> dict:
         from ..tiny import tiny_components, tiny_pose_encoder
 
         models = tiny_components(config.seed)
+        models["unet"] = _tiny_unet(config, models["unet"])
         if config.pose_encoder is None:
             torch.manual_seed(config.seed)
             models["pose_encoder"] = tiny_pose_encoder(temporal_layers=config.temporal_layers)
         else:
             models["pose_encoder"] = _load_encoder(config)
         return models
-    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     base = config.base_model
@@ -60,16 +66,29 @@ def load_models(config: TrainConfig) -> dict:
         models = {
             "vae": AutoencoderKLTemporalDecoder.from_pretrained(base, subfolder="vae"),
             "image_encoder": CLIPVisionModelWithProjection.from_pretrained(base, subfolder="image_encoder"),
-            "unet": UNetSpatioTemporalConditionModel.from_pretrained(base, subfolder="unet"),
             "scheduler": EulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler"),
             "feature_extractor": CLIPImageProcessor.from_pretrained(base, subfolder="feature_extractor"),
         }
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the base model {base} ({type(e).__name__}); no weights are reachable "
                          "here: try --config tiny") from None
+    models["unet"] = load_unet(base, config.unet_weights, torch.float32)
     models["pose_encoder"] = _load_encoder(config) if config.pose_encoder else PoseEncoder(
         temporal_layers=config.temporal_layers)
     return models
+
+
+def _tiny_unet(config: TrainConfig, unet):
+    """The tiny random UNet with `unet_weights` (a local file or folder) laid over it, through the same
+    `load_unet` as a real base: the tiny UNet is saved as the base, so keys the checkpoint lacks keep its values."""
+    if config.unet_weights is None:
+        return unet
+    if not Path(config.unet_weights).exists():
+        raise InputError(f"unet_weights {config.unet_weights}: no such file or folder (base_model tiny takes a "
+                         "local tiny UNet checkpoint)")
+    with tempfile.TemporaryDirectory() as base:
+        unet.save_pretrained(Path(base) / "unet")
+        return load_unet(base, config.unet_weights, torch.float32)
 
 
 def _load_encoder(config: TrainConfig) -> PoseEncoder:
@@ -159,6 +178,16 @@ def training_loss(batch: dict, models: dict, unet, encoder, injector: ControlInj
     return edm_loss(output, noisy, latents, sigma, weights)
 
 
+def make_lr_scheduler(config: TrainConfig, optimizer):
+    """Constant LR (published: train_svd.py's default "constant", which ignores its warm-up argument), or a
+    linear warm-up over `warmup_steps` first."""
+    from diffusers.optimization import get_scheduler
+
+    if config.warmup_steps == 0:
+        return get_scheduler("constant", optimizer)
+    return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
+
+
 def step_generator(seed: int, step: int, micro_step: int, process: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, micro_step, process])
                                              .generate_state(1)[0]))
@@ -189,8 +218,8 @@ def check_same_config(checkpoint: Path, config: TrainConfig) -> int:
     state = json.loads((checkpoint / STATE_FILE).read_text())
     if state["fingerprint"] != config.fingerprint():
         saved = state.get("config", {})
-        differing = sorted(k for k, v in dataclasses.asdict(config).items() if k in saved and saved[k] != v
-                           and k not in ("max_steps", "output_dir", "data"))
+        differing = sorted(k for k, v in dataclasses.asdict(config).items()  # a key it lacks is newer than it
+                           if (k not in saved or saved[k] != v) and k not in RESUMABLE_CHANGES)
         raise InputError(f"{checkpoint}: made with another training config (differs in: "
                          f"{', '.join(differing) or 'unknown keys'}); resume with the same config or start a new run")
     return int(state["step"])
@@ -209,7 +238,6 @@ class TrainResult:
 def train(config: TrainConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-    from diffusers.optimization import get_scheduler
 
     config.check()
     run = Path(config.output_dir)
@@ -243,7 +271,7 @@ def train(config: TrainConfig, resume: str | None = None, progress: bool = True)
         optimizer_class = bitsandbytes.optim.AdamW8bit
     optimizer = optimizer_class(parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                 weight_decay=config.weight_decay, eps=config.adam_epsilon)
-    lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
+    lr_scheduler = make_lr_scheduler(config, optimizer)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
                                          num_workers=config.num_workers,
                                          generator=torch.Generator().manual_seed(config.seed))
