@@ -134,61 +134,55 @@ def run_pose(args) -> int:
     return 0
 
 
+def add_config_flags(p) -> None:
+    """One flag per `AnimateConfig` field that has one: type, allowed values and help come from the field
+    (svd_controlnext/config.py); values are checked when the config is made, before anything loads."""
+    import dataclasses
+
+    from svd_controlnext.config import AnimateConfig, allowed_values, field_types
+
+    types = field_types(AnimateConfig)
+    for field in dataclasses.fields(AnimateConfig):
+        flag = field.metadata.get("flag", "")
+        if flag is None:
+            continue
+        flag = flag or "--" + field.name.replace("_", "-")
+        kind = types[field.name]
+        if kind is bool:
+            action = "store_false" if flag.startswith("--no-") else "store_true"
+            p.add_argument(flag, dest=field.name, action=action, default=None, help=field.metadata["help"])
+        elif allowed_values(kind) is not None:
+            p.add_argument(flag, dest=field.name, choices=allowed_values(kind), help=field.metadata["help"])
+        else:
+            base = next((t for t in (int, float, str) if t == kind or t in getattr(kind, "__args__", ())), str)
+            p.add_argument(flag, dest=field.name, type=base, help=field.metadata["help"])
+
+
 def add_generation_options(p) -> None:
     """The options of a generation run, shared by `animate` and `batch` (preset values are defaults)."""
-    from svd_controlnext.config import OFFLOAD_MODES
-    from svd_controlnext.windows import FUSION_MODES
-
     p.add_argument("--preset", default="controlnext-svd-v2",
                    help="controlnext-svd-v2 (default), tiny (random weights, runs anywhere), or a YAML file")
     p.add_argument("--weights", type=Path, help="folder from `svd-animate convert` or training (pose_encoder/, unet/)")
-    p.add_argument("--control-weights", help="control encoder: controlnet.bin, a folder holding it, or a hub repo "
-                                             "(default: the preset's)")
-    p.add_argument("--unet-weights", help="fine-tuned UNet loaded over the base's: unet.bin, a folder holding it, "
-                                          "or a hub repo (default: the preset's)")
-    p.add_argument("--steps", type=_positive_int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--width", type=_positive_int)
-    p.add_argument("--height", type=_positive_int)
-    p.add_argument("--stride", type=_positive_int, help="use every N-th driving frame")
-    p.add_argument("--max-frames", type=_positive_int)
     p.add_argument("--guidance", type=float, help="classifier-free guidance (min and max)")
-    p.add_argument("--control-scale", type=float, help="strength of the pose control (1 = as trained)")
-    p.add_argument("--window", type=_positive_int, help="frames per window")
-    p.add_argument("--overlap", type=int, help="frames shared by neighbouring windows")
-    p.add_argument("--fusion", choices=FUSION_MODES, help="how overlapping windows are blended")
     p.add_argument("--published-sampling", action="store_true",
                    help="the published ControlNeXt-SVD-v2 path: its sampler exactly (reference pose as frame 0 and at "
                         "position 0 of every window, plain window mean), its reference framing and alignment fit, "
                         "DWPose, fp32, decode chunks of 2, at most 240 frames, fps floored, no audio (flags given "
                         "explicitly still win; README: differences)")
-    p.add_argument("--dtype", choices=("auto", "fp32", "fp16", "bf16"),
-                   help="auto (default): fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--offload", choices=OFFLOAD_MODES,
-                   help="keep models in CPU memory: model (each model moves to the GPU while it runs) or "
-                        "sequential (each layer; slowest, least memory)")
-    p.add_argument("--low-vram", action="store_true", default=None,
-                   help="for GPUs with little memory: model offload, feed-forward chunking and one-frame decode chunks")
-    p.add_argument("--decode-chunk", type=_positive_int,
-                   help="frames per VAE decode (default: as many as half the free memory allows, up to 16)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the UNet (slow first step)")
-    p.add_argument("--no-audio", dest="audio", action="store_false", default=None,
-                   help="do not copy the driving clip's audio track")
     p.add_argument("--side-by-side", action="store_true", help="write skeleton | result")
+    add_config_flags(p)
     add_pose_source_options(p, align_default="the preset's, ls")
 
 
 def config_from_args(args):
-    from svd_controlnext.config import load_preset, with_published_sampling
+    """The preset, then --published-sampling, then every flag given (None: not given)."""
+    import dataclasses
 
-    flags = dict(
-        steps=args.steps, seed=args.seed, width=args.width, height=args.height, stride=args.stride,
-        max_frames=args.max_frames, min_guidance=args.guidance, max_guidance=args.guidance,
-        control_scale=args.control_scale, window=args.window, overlap=args.overlap, fusion=args.fusion,
-        dtype=args.dtype, detector=args.detector, align=args.align, offload=args.offload, compile=args.compile,
-        audio=args.audio, low_vram=args.low_vram, decode_chunk_size=args.decode_chunk,
-        control_weights=args.control_weights, unet_weights=args.unet_weights)
+    from svd_controlnext.config import AnimateConfig, expand_shortcuts, load_preset, with_published_sampling
+
+    flags = {field.name: getattr(args, field.name, None) for field in dataclasses.fields(AnimateConfig)}
+    flags = expand_shortcuts({**flags, "guidance": args.guidance})
     config = load_preset(args.preset)
     if args.published_sampling:
         explicit = [key for key, value in flags.items() if value is not None]
@@ -277,7 +271,7 @@ def run_batch(args) -> int:
     config = config_from_args(args)
     outdir = args.output
     if args.jobs is not None:
-        jobs = batch.jobs_from_manifest(args.jobs, outdir)
+        jobs = batch.jobs_from_manifest(args.jobs, outdir, config)
     else:
         jobs = batch.jobs_from_folders(args.refs, args.poses, outdir, args.pairing)
     if not args.dry_run:  # a dry run writes nothing, not even the folder

@@ -29,7 +29,7 @@ from pose.render import render_sequence
 from pose.skeleton import PoseSequence
 from pose.video import AudioClip, VideoWriter, check_writable, has_audio, is_image_path, probe_video, read_image
 
-from .config import OFFLOAD_MODES, TINY, AnimateConfig
+from .config import LOAD_KEYS, OFFLOAD_MODES, TINY, AnimateConfig
 from .decode import iter_decoded_frames
 from .framing import crop_poses, crop_reference, crop_reference_published
 from .memory import check_frames_fit, decode_chunk_for, free_memory
@@ -278,10 +278,6 @@ def audio_for(pose_input: Path, poses: PoseSequence) -> AudioClip | None:
     stride = poses.meta.get("stride", 1)
     delay = 1 / poses.fps if poses.frame_index[0] < 0 else 0.0
     return AudioClip(pose_input, driving[0] / source_fps, len(driving) * stride / source_fps, delay)
-
-
-# Settings that change which models are loaded or how; a batch job cannot override them.
-LOAD_KEYS = ("base_model", "control_weights", "unet_weights", "dtype", "offload", "compile", "low_vram", "detector")
 
 
 def detector_name(config: AnimateConfig) -> str:

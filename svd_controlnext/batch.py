@@ -29,6 +29,8 @@ from pose.errors import InputError
 from pose.skeleton import PoseSequence
 from pose.video import IMAGE_SUFFIXES, probe_video, read_image
 
+from .config import AnimateConfig, expand_shortcuts, parse_value, per_job_fields
+
 logger = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".gif"}
@@ -37,13 +39,9 @@ PAIRINGS = ("all", "name")
 REPORT = "report.json"
 PART_GLOB = ".*.part.mp4"  # VideoWriter's temporary files
 
-# Per-job overrides a manifest may set, and their types; `guidance` sets min and max.
-JOB_OVERRIDES = {
-    "seed": int, "steps": int, "width": int, "height": int, "stride": int, "max_frames": int, "guidance": float,
-    "min_guidance": float, "max_guidance": float, "control_scale": float, "window": int, "overlap": int,
-    "fusion": str, "align": str, "motion_bucket_id": int, "noise_aug_strength": float,
-}
-MANIFEST_COLUMNS = {"ref", "pose", "output", *JOB_OVERRIDES}
+# Per-job overrides a manifest may set (the config fields marked per_job, and `guidance` for min and max).
+JOB_OPTIONS = per_job_fields()
+MANIFEST_COLUMNS = {"ref", "pose", "output", *JOB_OPTIONS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,16 +123,10 @@ def _read_manifest(path: Path) -> list[dict]:
     raise InputError(f"{path}: a manifest is .csv, .yaml or .yml")
 
 
-def _convert(key: str, value):
-    kind = JOB_OVERRIDES[key]
-    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-        raise ValueError
-    return kind(value)
-
-
-def jobs_from_manifest(path, outdir: Path) -> list[Job]:
+def jobs_from_manifest(path, outdir: Path, config: AnimateConfig | None = None) -> list[Job]:
     """One job per row: `ref`, `pose`, optional `output` (relative to OUTDIR) and overrides.
-    Relative paths are relative to the manifest's folder."""
+    Relative paths are relative to the manifest's folder. With `config`, each job's settings are
+    checked against it too (e.g. an overlap not smaller than the window)."""
     path = Path(path)
     rows = _read_manifest(path)
     if not rows:
@@ -146,7 +138,7 @@ def jobs_from_manifest(path, outdir: Path) -> list[Job]:
         unknown = sorted(set(map(str, row)) - MANIFEST_COLUMNS)
         if unknown:
             problems.append(f"{where}: unknown column {', '.join(map(repr, unknown))} "
-                            f"(known: ref, pose, output, {', '.join(JOB_OVERRIDES)})")
+                            f"(known: ref, pose, output, {', '.join(JOB_OPTIONS)})")
         missing = [key for key in ("ref", "pose") if not row.get(key)]
         if missing:
             problems.append(f"{where}: no {' and no '.join(missing)}")
@@ -157,12 +149,17 @@ def jobs_from_manifest(path, outdir: Path) -> list[Job]:
             if not file.is_file():
                 problems.append(f"{where}: {key} {row[key]}: no such file")
         overrides = {}
-        for key in JOB_OVERRIDES:
+        for key, annotation in JOB_OPTIONS.items():
             if key in row:
                 try:
-                    overrides[key] = _convert(key, row[key])
-                except (TypeError, ValueError):
-                    problems.append(f"{where}: {key} must be {JOB_OVERRIDES[key].__name__}, got {row[key]!r}")
+                    overrides[key] = parse_value(annotation, row[key])
+                except ValueError as e:
+                    problems.append(f"{where}: {key} must be {e}, got {row[key]!r}")
+        if config is not None:
+            try:
+                config.replace(**expand_shortcuts(overrides))
+            except InputError as e:
+                problems.append(f"{where}: {e}")
         output = Path(outdir) / str(row.get("output") or default_output(files["ref"], files["pose"]))
         if output.suffix.lower() != ".mp4":
             problems.append(f"{where}: output {output.name} must end in .mp4")
@@ -317,12 +314,7 @@ def prepare_outdir(outdir: Path) -> Path:
 
 
 def job_overrides(job: Job) -> dict:
-    overrides = dict(job.overrides)
-    if "guidance" in overrides:
-        guidance = overrides.pop("guidance")
-        overrides.setdefault("min_guidance", guidance)
-        overrides.setdefault("max_guidance", guidance)
-    return overrides
+    return expand_shortcuts(dict(job.overrides))
 
 
 def pose_cache_state(job: Job, config, cache, detector) -> str:

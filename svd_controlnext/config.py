@@ -1,59 +1,165 @@
-"""Inference presets: one dataclass holds every default; YAML presets and CLI flags override it."""
+"""Inference settings: one dataclass field per option, the only place it is defined.
+
+Each field carries its type (a `Literal` lists the allowed values), default, help text and where it
+may be set (`option`). The CLI flags (`cli.add_config_flags`), YAML preset keys (`load_preset`), batch
+manifest columns (`JOB_OPTIONS`) and per-job overrides are all derived from these fields, and every
+value is checked when a config is made (`check_config`), before any model or pose is loaded.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import typing
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
+from pose.align import ALIGN_METHODS
+from pose.detect import DETECTORS
 from pose.errors import InputError
+
+from .windows import FUSION_MODES
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TINY = "tiny"
 OFFLOAD_MODES = ("none", "model", "sequential")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def option(default, help: str, *, flag: str | None = "", per_job: bool = False, load: bool = False,
+           minimum: float | None = None):
+    """A config field. `flag`: the CLI flag ("" derives `--name-with-dashes`, None: no flag); `per_job`: a batch
+    manifest column; `load`: it decides which models load, so it is fixed for a whole run; `minimum`: the
+    smallest allowed value."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "per_job": per_job,
+                                                        "load": load, "minimum": minimum})
 
 
 @dataclasses.dataclass
 class AnimateConfig:
-    base_model: str = "stabilityai/stable-video-diffusion-img2vid-xt-1-1"  # hub id, local folder, or "tiny"
-    control_weights: str | None = "Pbihao/ControlNeXt"  # folder from `convert`, a controlnet.bin, or a hub repo
-    unet_weights: str | None = None  # the fine-tuned UNet over the base's: unet.bin, a folder holding it, or a hub repo
-    width: int = 576
-    height: int = 1024
-    steps: int = 25
-    min_guidance: float = 3.0
-    max_guidance: float = 3.0
-    control_scale: float = 1.0
-    window: int = 24
-    overlap: int = 6
-    fusion: str = "ramp"  # "uniform" is the published plain mean
-    # The published layout: the reference image's pose as output frame 0, and fed at position 0 of every window.
-    prepend_reference_pose: bool = False
-    reference_pose_in_every_window: bool = False
-    # The published path around the sampler: reference framing pixels, its pose detected on the framed image,
-    # the alignment fitted on the whole video with every keypoint, fps floored, DWPose required.
-    # `with_published_sampling` also sets the published values of the fields in PUBLISHED_SAMPLING.
-    published_sampling: bool = False
-    stride: int = 2
-    max_frames: int | None = None  # output frames (the reference-pose frame, when prepended, counts)
-    fps_id: int = 7  # SVD's fps conditioning (the model sees fps_id - 1)
-    motion_bucket_id: int = 127
-    noise_aug_strength: float = 0.02
-    decode_chunk_size: int | None = None  # frames per VAE decode; None: sized to the free memory
-    seed: int = 42
-    dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
-    offload: str = "none"  # none, model (one model on the GPU at a time), sequential (one layer at a time)
-    compile: bool = False  # torch.compile the UNet
-    low_vram: bool = False  # model offload, feed-forward chunking, one-frame decode chunks: for GPUs with little memory
-    audio: bool = True  # keep the driving clip's audio track
-    detector: str = "auto"
-    align: str = "ls"
+    base_model: str = option("stabilityai/stable-video-diffusion-img2vid-xt-1-1",
+                             "base SVD model: hub id, local folder, or tiny", flag=None, load=True)
+    control_weights: str | None = option("Pbihao/ControlNeXt", "control encoder: controlnet.bin, a folder holding "
+                                         "it (or from `convert`), or a hub repo", load=True)
+    unet_weights: str | None = option(None, "fine-tuned UNet loaded over the base's: unet.bin, a folder holding it, "
+                                      "or a hub repo", load=True)
+    width: int = option(576, "output width in pixels (a multiple of 64)", per_job=True, minimum=8)
+    height: int = option(1024, "output height in pixels (a multiple of 64)", per_job=True, minimum=8)
+    steps: int = option(25, "denoising steps", per_job=True, minimum=1)
+    min_guidance: float = option(3.0, "classifier-free guidance at the first frame of a window", flag=None,
+                                 per_job=True, minimum=0)
+    max_guidance: float = option(3.0, "classifier-free guidance at the last frame of a window", flag=None,
+                                 per_job=True, minimum=0)
+    control_scale: float = option(1.0, "strength of the pose control (1 = as trained)", per_job=True)
+    window: int = option(24, "frames per window", per_job=True, minimum=1)
+    overlap: int = option(6, "frames shared by neighbouring windows", per_job=True, minimum=0)
+    fusion: Literal[FUSION_MODES] = option("ramp", "how overlapping windows are blended: ramp (position-weighted) "
+                                           "or uniform (the published plain mean)", per_job=True)
+    prepend_reference_pose: bool = option(False, "the reference image's pose as output frame 0 (published)",
+                                          flag=None)
+    reference_pose_in_every_window: bool = option(False, "the reference pose at position 0 of every window "
+                                                  "(published)", flag=None)
+    published_sampling: bool = option(False, "the published path around the sampler: its reference framing, the "
+                                      "reference pose detected on the framed image, the alignment fitted on the "
+                                      "whole video with every keypoint, floored fps, DWPose (see "
+                                      "with_published_sampling)", flag=None)
+    stride: int = option(2, "use every N-th driving frame", per_job=True, minimum=1)
+    max_frames: int | None = option(None, "at most N output frames (the reference-pose frame, when first, counts)",
+                                    per_job=True, minimum=1)
+    fps_id: int = option(7, "SVD's fps conditioning (the model sees fps_id - 1)", flag=None, minimum=1)
+    motion_bucket_id: int = option(127, "SVD's motion conditioning", flag=None, per_job=True, minimum=0)
+    noise_aug_strength: float = option(0.02, "noise added to the reference before encoding", flag=None,
+                                       per_job=True, minimum=0)
+    decode_chunk_size: int | None = option(None, "frames per VAE decode (default: as many as half the free memory "
+                                           "allows, up to 16)", flag="--decode-chunk", minimum=1)
+    seed: int = option(42, "random seed", per_job=True)
+    dtype: Literal[DTYPES] = option("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16", load=True)
+    offload: Literal[OFFLOAD_MODES] = option("none", "keep models in CPU memory: model (each model moves to the GPU "
+                                             "while it runs) or sequential (each layer; slowest, least memory)",
+                                             load=True)
+    compile: bool = option(False, "torch.compile the UNet (slow first step)", load=True)
+    low_vram: bool = option(False, "for GPUs with little memory: model offload, feed-forward chunking and "
+                                   "one-frame decode chunks", load=True)
+    audio: bool = option(True, "keep the driving clip's audio track (--no-audio: leave it out)", flag="--no-audio")
+    detector: Literal[DETECTORS] = option("auto", "pose backend", flag=None, load=True)
+    align: Literal[(*ALIGN_METHODS, "none")] = option("ls", "retarget the driving poses to the reference",
+                                                      flag=None, per_job=True)
+
+    def __post_init__(self):
+        check_config(self)
 
     def replace(self, **changes) -> "AnimateConfig":
+        """A copy with `changes`; a None value means "not given" and changes nothing."""
         changes = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **changes)
+
+
+def field_types(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def allowed_values(annotation) -> tuple | None:
+    """The values a `Literal[...]` field allows (None for other types)."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
+
+
+def check_value(field: dataclasses.Field, annotation, value) -> None:
+    """One field's allowed values and minimum, named in one line."""
+    choices = allowed_values(annotation)
+    if choices is not None and value not in choices:
+        raise InputError(f"{field.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    minimum = field.metadata.get("minimum")
+    if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
+        raise InputError(f"{field.name} must be at least {minimum:g}, got {value!r}")
+
+
+def check_config(config) -> None:
+    """Every field's allowed values and minimum; run whenever a config is made (`__post_init__`)."""
+    types = field_types(type(config))
+    for field in dataclasses.fields(config):
+        check_value(field, types[field.name], getattr(config, field.name))
+    if isinstance(config, AnimateConfig) and config.overlap >= config.window:
+        raise InputError(f"overlap ({config.overlap}) must be smaller than window ({config.window})")
+
+
+# Names that set several fields at once, on the command line and in batch manifests.
+SHORTCUTS = {"guidance": ("min_guidance", "max_guidance")}
+
+
+def per_job_fields() -> dict[str, object]:
+    """What a batch job may set, with the type of each (a shortcut takes its first field's)."""
+    types = field_types(AnimateConfig)
+    fields = {f.name: types[f.name] for f in dataclasses.fields(AnimateConfig) if f.metadata.get("per_job")}
+    return {**fields, **{shortcut: types[names[0]] for shortcut, names in SHORTCUTS.items()}}
+
+
+def parse_value(annotation, value):
+    """A manifest cell (a CSV string, or a YAML value) as the field's type; ValueError when it is not one."""
+    choices = allowed_values(annotation)
+    if choices is not None:
+        if value not in choices:
+            raise ValueError(f"one of {', '.join(map(str, choices))}")
+        return value
+    kind = next((t for t in (int, float) if t == annotation or t in typing.get_args(annotation)), str)
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ValueError(kind.__name__)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(kind.__name__) from None
+LOAD_KEYS = tuple(f.name for f in dataclasses.fields(AnimateConfig) if f.metadata.get("load"))
+
+
+def expand_shortcuts(values: dict) -> dict:
+    """`guidance: 2` -> `min_guidance: 2, max_guidance: 2` (an explicit min or max wins)."""
+    values = dict(values)
+    for shortcut, names in SHORTCUTS.items():
+        value = values.pop(shortcut, None)
+        for name in names:
+            if value is not None and values.get(name) is None:
+                values[name] = value
+    return values
 
 
 # What `--published-sampling` sets besides `published_sampling` (ControlNeXt-SVD-v2 `run_controlnext.py`,
@@ -70,32 +176,54 @@ def with_published_sampling(config: AnimateConfig, explicit=()) -> AnimateConfig
     return dataclasses.replace(config, published_sampling=True, **changes)
 
 
-def _check_type(name: str, value, annotation: str, where: str):
-    expected = {"int": int, "float": (int, float), "str": str, "bool": bool, "list[str]": list}
-    allowed = [part.strip() for part in annotation.split("|")]
-    if value is None and "None" in allowed:
+def _check_type(name: str, value, annotation, where: str):
+    """`value` against a resolved annotation: int, float, str, bool, list[str], Literal, and `X | None`."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _UnionType) else (annotation,)
+    if value is None and type(None) in options:
         return
-    for part in allowed:
-        kind = expected.get(part)
-        if kind is not None and isinstance(value, kind) and not (part in ("int", "float") and isinstance(value, bool)):
-            if part == "list[str]" and not all(isinstance(item, str) for item in value):
-                continue
+    for option_type in options:
+        if _is_instance(value, option_type):
             return
-    raise InputError(f"{where}: key {name!r} must be {annotation}, got {value!r}")
+    raise InputError(f"{where}: key {name!r} must be {_describe(annotation)}, got {value!r}")
+
+
+_UnionType = type(int | None)
+
+
+def _is_instance(value, annotation) -> bool:
+    if allowed_values(annotation) is not None:
+        return value in allowed_values(annotation)
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation) or (object,)
+        return isinstance(value, list) and all(isinstance(v, item) for v in value)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(annotation, type) and isinstance(value, annotation)
+
+
+def _describe(annotation) -> str:
+    if allowed_values(annotation) is not None:
+        return "one of " + ", ".join(map(str, allowed_values(annotation)))
+    if typing.get_origin(annotation) in (typing.Union, _UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
 
 
 def config_from_mapping(cls, values: dict, where: str):
-    """A config dataclass from a mapping; unknown keys and wrong types are refused by name."""
+    """A config dataclass from a mapping; unknown keys, wrong types and disallowed values are refused by name."""
     if not isinstance(values, dict):
         raise InputError(f"{where}: must be a mapping of keys to values")
-    fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     for key, value in values.items():
-        if key not in fields:
+        if key not in hints:
             raise InputError(f"{where}: unknown key {key!r}")
-        annotation = fields[key] if isinstance(fields[key], str) else str(hints[key])
-        _check_type(key, value, annotation, where)
-    return cls(**values)
+        _check_type(key, value, hints[key], where)
+    try:
+        return cls(**values)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
 
 
 def read_yaml(path: Path):
