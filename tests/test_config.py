@@ -12,6 +12,9 @@ from svd_controlnext.config import LOAD_KEYS, AnimateConfig, expand_shortcuts, l
 
 
 @pytest.mark.parametrize("text, message", [
+    ("steps: 3\nwindw: 8\n", "unknown key 'windw'"),
+    ("steps: three\n", "key 'steps' must be int"),
+    ("- a list\n", "must be a mapping"),
     ("fusion: cosine\n", "key 'fusion' must be one of ramp, uniform, got 'cosine'"),
     ("align: sideways\n", "key 'align' must be one of ls, bones, none"),
     ("dtype: fp8\n", "key 'dtype' must be one of auto, fp32, fp16, bf16"),
