@@ -48,6 +48,13 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         (`.max() > 1`), a device-to-host sync at every use, twice per window and step."""
         return self._do_classifier_free_guidance
 
+    def detach_control(self) -> None:
+        """Take the control hook off the UNet. It stays between calls (inactive), so a compiled UNet is not
+        traced again for every video; detach it before the UNet is used on its own, e.g. by a training loop."""
+        if self._injector is not None:
+            self._injector.remove()
+            self._injector = None
+
     def _control_injector(self) -> ControlInjector | None:
         if self.pose_encoder is None:
             return None

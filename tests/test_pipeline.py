@@ -227,3 +227,13 @@ def test_guidance_batch_decided_from_the_scales(components, max_guidance, unet_b
         handle.remove()
     assert batches == [unet_batch]
     assert pipe.do_classifier_free_guidance is (unet_batch == 2)
+
+
+def test_detach_control_leaves_the_plain_unet(components):
+    pipe = ControlNeXtSVDPipeline(**components)
+    pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent"))
+    hooks = components["unet"].down_blocks[0]._forward_hooks
+    assert len(hooks) == 1
+    pipe.detach_control()
+    assert len(hooks) == 0
+    pipe.detach_control()  # twice is harmless

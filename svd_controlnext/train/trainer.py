@@ -432,10 +432,12 @@ def write_validation(run: Path, step: int, models: dict, encoder, unet, dataset:
     pipe.set_progress_bar_config(disable=True)
     encoder.eval(), unet.eval()
     with _with_ema(ema, parameters), torch.no_grad():
-        latents = pipe(Image.fromarray(reference), poses, height=config.height, width=config.width,
-                       num_frames=len(poses), num_inference_steps=config.validation_steps,
-                       generator=torch.Generator().manual_seed(config.seed), output_type="latent").frames
-        pipe._injector.remove()
+        try:
+            latents = pipe(Image.fromarray(reference), poses, height=config.height, width=config.width,
+                           num_frames=len(poses), num_inference_steps=config.validation_steps,
+                           generator=torch.Generator().manual_seed(config.seed), output_type="latent").frames
+        finally:  # the training UNet must not keep the validation's control hook
+            pipe.detach_control()
         path = run / "validation" / f"step-{step:06d}.mp4"
         path.parent.mkdir(parents=True, exist_ok=True)
         with VideoWriter(path, fps=7) as writer:
