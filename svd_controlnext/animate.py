@@ -32,7 +32,7 @@ from pose.video import AudioClip, VideoWriter, check_writable, has_audio, is_ima
 from .config import LOAD_KEYS, OFFLOAD_MODES, TINY, AnimateConfig
 from .decode import iter_decoded_frames
 from .framing import crop_poses, crop_reference, crop_reference_published
-from .memory import check_frames_fit, decode_chunk_for, free_memory
+from .memory import DEFAULT_DECODE_CHUNK, check_frames_fit, decode_chunk_for, free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -348,17 +348,25 @@ class Animator:
         return False
 
     def decode_chunk(self, config: AnimateConfig) -> int:
-        """The configured decode chunk, or the largest that the free memory allows (1 under --low-vram)."""
+        """The configured decode chunk, else 8 frames (1 under --low-vram), lowered only when half the free
+        memory cannot hold it: then the pixels differ from a run with more memory, and the user is told."""
         if config.decode_chunk_size:
             return config.decode_chunk_size
         if config.low_vram:
             return 1
         free_host, free_device = free_memory(self.device)
         free = free_device if torch.device(self.device).type != "cpu" else free_host
-        return decode_chunk_for(free, config.width, config.height, torch.finfo(self.dtype).bits // 8)
+        fits = decode_chunk_for(free, config.width, config.height, torch.finfo(self.dtype).bits // 8)
+        if fits < DEFAULT_DECODE_CHUNK:
+            logger.warning("decoding %d frames at a time instead of %d to fit in the free memory: the pixels differ "
+                           "from a run with more memory (--decode-chunk %d gives them everywhere)", fits,
+                           DEFAULT_DECODE_CHUNK, fits)
+        return min(fits, DEFAULT_DECODE_CHUNK)
 
     def check(self, reference, pose_input, output, config: AnimateConfig, side_by_side: bool = False) -> None:
         """Every check that needs no model: files, size, and whether the video's length fits in memory."""
+        if output.suffix.lower() != ".mp4":
+            raise InputError(f"{output}: the output is an H.264 .mp4 video; name it with .mp4")
         check_writable(output)
         for path in (reference, pose_input):
             if not path.is_file():

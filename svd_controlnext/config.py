@@ -9,6 +9,7 @@ value is checked when a config is made (`check_config`), before any model or pos
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Literal
@@ -71,8 +72,9 @@ class AnimateConfig:
     motion_bucket_id: int = option(127, "SVD's motion conditioning", flag=None, per_job=True, minimum=0)
     noise_aug_strength: float = option(0.02, "noise added to the reference before encoding", flag=None,
                                        per_job=True, minimum=0)
-    decode_chunk_size: int | None = option(None, "frames per VAE decode (default: as many as half the free memory "
-                                           "allows, up to 16)", flag="--decode-chunk", minimum=1)
+    decode_chunk_size: int | None = option(None, "frames per VAE decode (default: 8, fewer with a warning when half "
+                                           "the free memory cannot hold 8; the chunk changes the pixels)",
+                                           flag="--decode-chunk", minimum=1)
     seed: int = option(42, "random seed", per_job=True)
     dtype: Literal[DTYPES] = option("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16", load=True)
     offload: Literal[OFFLOAD_MODES] = option("none", "keep models in CPU memory: model (each model moves to the GPU "
@@ -105,7 +107,9 @@ def allowed_values(annotation) -> tuple | None:
 
 
 def check_value(field: dataclasses.Field, annotation, value) -> None:
-    """One field's allowed values and minimum, named in one line."""
+    """One field's allowed values, finiteness and minimum, named in one line."""
+    if isinstance(value, float) and not math.isfinite(value):  # --guidance nan would sample an all-black video
+        raise InputError(f"{field.name} must be a finite number, got {value!r}")
     choices = allowed_values(annotation)
     if choices is not None and value not in choices:
         raise InputError(f"{field.name} must be one of {', '.join(map(str, choices))}, got {value!r}")

@@ -74,6 +74,10 @@ def check_frames_fit(num_frames: int, width: int, height: int, dtype: torch.dtyp
 # (shared/compat/diffusers_svd.md: 2.77 - 1.28 GiB for chunks of 8 vs 2).
 DECODE_BYTES_PER_PIXEL_FP32 = 2.33 * 2**30 / (576 * 1024)
 MAX_DECODE_CHUNK = 16
+# The default decode chunk: fixed, because the temporal decoder mixes the frames of a chunk, so the chunk size
+# changes the pixels and the same seed must give the same video whatever else the machine is doing. 8 frames
+# decode at 576x1024 fp16 in 13.2 GiB (bench/memory.py): a 16 GB card.
+DEFAULT_DECODE_CHUNK = 8
 
 
 def decode_chunk_for(free_bytes: int, width: int, height: int, dtype_bytes: int, share: float = 0.5) -> int:

@@ -201,7 +201,7 @@ def load_pose_encoder(source, **config) -> PoseEncoder:
     if problems:
         raise InputError(f"{file}: not a ControlNeXt-SVD-v2 control encoder checkpoint: {'; '.join(problems)}")
     encoder.load_state_dict(state, strict=True)
-    return encoder
+    return encoder.eval()  # inference mode, as from_pretrained leaves a model
 
 
 # --- the conversion cache ----------------------------------------------------------------------------

@@ -262,13 +262,20 @@ def test_offload_modes(device, offload, expected):
         place_pipeline(pipe, device, "gpu")
 
 
-def test_decode_chunk_choice(monkeypatch):
+def test_decode_chunk_is_fixed_unless_memory_is_short(monkeypatch, caplog):
+    """The same seed gives the same video: 8 frames whatever the free memory (20 or 200 GiB), fewer only when
+    half of it cannot hold 8, with a warning (2 GiB: half of it at 0.26 GiB a 256x256 frame is 3)."""
     from svd_controlnext import animate as animate_module
     from svd_controlnext.animate import Animator
 
-    monkeypatch.setattr(animate_module, "free_memory", lambda device: (2 * 2**30, 0))
     animator = Animator(AnimateConfig(width=256, height=256, dtype="fp32"), device="cpu")
-    assert animator.decode_chunk(animator.config) == 3  # half of 2 GiB at 0.26 GiB a 256x256 frame
+    for free in (20 * 2**30, 200 * 2**30):
+        monkeypatch.setattr(animate_module, "free_memory", lambda device, free=free: (free, 0))
+        assert animator.decode_chunk(animator.config) == 8
+    assert not caplog.records
+    monkeypatch.setattr(animate_module, "free_memory", lambda device: (2 * 2**30, 0))
+    assert animator.decode_chunk(animator.config) == 3
+    assert len(caplog.records) == 1 and "the pixels differ" in caplog.records[0].getMessage()
     assert animator.decode_chunk(animator.config.replace(decode_chunk_size=5)) == 5
     assert animator.decode_chunk(animator.config.replace(low_vram=True)) == 1
 

@@ -23,6 +23,8 @@ from svd_controlnext.config import LOAD_KEYS, AnimateConfig, expand_shortcuts, l
     ("steps: 0\n", "steps must be at least 1, got 0"),
     ("window: 4\noverlap: 4\n", r"overlap \(4\) must be smaller than window \(4\)"),
     ("max_frames: two\n", "key 'max_frames' must be int or null"),
+    ("max_guidance: .nan\n", "max_guidance must be a finite number, got nan"),
+    ("control_scale: .inf\n", "control_scale must be a finite number, got inf"),
 ])
 def test_preset_values_are_checked_when_loaded(tmp_path, text, message):
     path = tmp_path / "mine.yaml"
@@ -87,3 +89,12 @@ def test_manifest_values_are_checked_against_the_fields_and_the_config(tmp_path)
                          "  job 2: steps must be int, got 'zero'",
                          "  job 3: steps must be at least 1, got 0",
                          "  job 4: overlap (2) must be smaller than window (2)"]
+
+
+def test_non_finite_guidance_and_a_non_mp4_output_are_refused_before_work(tmp_path, capsys):
+    base = ["-q", "--ref", str(tmp_path / "r.png"), "--pose", str(tmp_path / "p.mp4"), "--preset", "tiny"]
+    assert cli.main([*base, "--guidance", "nan"]) == 2
+    assert capsys.readouterr().err == "svd-animate: error: min_guidance must be a finite number, got nan\n"
+    assert cli.main([*base, "-o", str(tmp_path / "out.gif")]) == 2
+    assert capsys.readouterr().err.endswith("out.gif: the output is an H.264 .mp4 video; name it with .mp4\n")
+    assert not (tmp_path / "out.gif").exists()

@@ -30,7 +30,9 @@ def outputs_equal(a, b):
 
 def test_published_bin_and_safetensors_load(published, tmp_path):
     encoder, path = published
-    assert outputs_equal(load_pose_encoder(path), encoder)
+    loaded = load_pose_encoder(path)
+    assert not loaded.training  # in inference mode, as a diffusers from_pretrained model
+    assert outputs_equal(loaded, encoder)
     save_file(encoder.state_dict(), str(tmp_path / "controlnet.safetensors"))
     assert outputs_equal(load_pose_encoder(tmp_path / "controlnet.safetensors"), encoder)
 
