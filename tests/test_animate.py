@@ -20,7 +20,6 @@ def test_presets_and_overrides():
     assert (published.width, published.height, published.steps, published.window, published.overlap,
             published.stride, published.min_guidance, published.max_guidance) == (576, 1024, 25, 24, 6, 2, 3.0, 3.0)
     assert published.replace(steps=5, seed=None).steps == 5  # None means "not given"
-    assert AnimateConfig().fusion == "ramp"
 
 
 def test_unknown_preset_lists_the_built_in_ones():
