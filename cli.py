@@ -403,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in subparsers.choices.values():
         sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.set_defaults(commands=tuple(subparsers.choices))
     return parser
 
 
@@ -419,7 +420,7 @@ def with_default_command(argv: list[str], commands) -> list[str]:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    commands = parser.get_default("commands")
     args = parser.parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv), commands))
     args.argv = argv
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO

@@ -219,6 +219,22 @@ def _audio_frames(clip: AudioClip, rate: int, layout: str) -> Iterator[av.AudioF
                     return
 
 
+STALE_PART_SECONDS = 600
+
+
+def remove_stale_parts(path: Path, older_than: float = STALE_PART_SECONDS) -> list[Path]:
+    """Temporary files for `path` left by a killed run (kill -9 skips every cleanup). A writer touches its
+    file with every frame, so one untouched for `older_than` seconds belongs to nobody."""
+    import time
+
+    now = time.time()
+    stale = [part for part in Path(path).parent.glob(f".{Path(path).stem}.*.part.mp4")
+             if now - part.stat().st_mtime > older_than]
+    for part in stale:
+        part.unlink(missing_ok=True)
+    return stale
+
+
 class VideoWriter:
     """Encode RGB frames to an mp4 (H.264 when available), atomically, with an optional audio clip.
 
@@ -230,6 +246,7 @@ class VideoWriter:
     def __init__(self, path, fps: float, crf: int = 18, audio: AudioClip | None = None):
         self.path = Path(path)
         check_writable(self.path)
+        remove_stale_parts(self.path)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".part.mp4", dir=self.path.parent)
         os.close(fd)
         self._tmp = Path(tmp)

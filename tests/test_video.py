@@ -149,3 +149,21 @@ def test_check_writable(tmp_path):
     with pytest.raises(InputError, match="not writable"):
         check_writable("/proc/out.npz")
     assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+
+
+def test_a_killed_runs_part_file_is_removed_by_the_next_writer(tmp_path):
+    """kill -9 leaves `.out.XXXX.part.mp4`; the next writer of out.mp4 removes it once nobody has touched it
+    for 10 minutes (a part file being written now is kept)."""
+    import os
+    import time
+
+    stale, live, other = tmp_path / ".out.abc.part.mp4", tmp_path / ".out.def.part.mp4", tmp_path / ".b.x.part.mp4"
+    for path in (stale, live, other):
+        path.write_bytes(b"")
+    hour_ago = time.time() - 3600
+    os.utime(stale, (hour_ago, hour_ago))
+    os.utime(other, (hour_ago, hour_ago))
+    with VideoWriter(tmp_path / "out.mp4", fps=5) as writer:
+        writer.write(np.zeros((16, 16, 3), np.uint8))
+    assert not stale.exists() and live.exists() and other.exists()
+    assert (tmp_path / "out.mp4").is_file()
