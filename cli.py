@@ -225,7 +225,8 @@ def run_animate(args) -> int:
                      side_by_side=args.side_by_side, cache=cache, dwpose_dir=args.dwpose_dir,
                      progress=not args.quiet)
     audio = ", with the driving clip's audio" if result.audio else ""
-    print(f"{result.output}: {result.frames} frames at {result.fps:g} fps{audio}{random_weights_label(config)}")
+    seed = f", seed {result.seed}" if config.seed < 0 else ""
+    print(f"{result.output}: {result.frames} frames at {result.fps:g} fps{audio}{seed}{random_weights_label(config)}")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import secrets
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +43,7 @@ class AnimateResult:
     output: Path
     frames: int
     fps: float
-    random_weights: bool
+    seed: int
     audio: bool = False
 
 
@@ -401,7 +402,8 @@ class Animator:
             audio = audio_for(pose_input, poses)
 
         pipe = self.pipeline()
-        generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        seed = config.seed if config.seed >= 0 else secrets.randbelow(2**31)  # -1: a new one, reported
+        generator = torch.Generator(device="cpu").manual_seed(seed)
         try:
             latents = pipe(Image.fromarray(reference_image), pose_frames, generator=generator, output_type="latent",
                            **pipeline_arguments(config)).frames
@@ -413,7 +415,7 @@ class Animator:
             raise InputError(f"out of memory on {self.device} at {width}x{height} with windows of {config.window} "
                              "frames: try --offload model, a smaller --window, --height/--width or --dtype fp16"
                              ) from None
-        return AnimateResult(output, len(pose_frames), fps, config.base_model == TINY, audio is not None)
+        return AnimateResult(output, len(pose_frames), fps, seed, audio is not None)
 
 
 def pipeline_arguments(config: AnimateConfig) -> dict:

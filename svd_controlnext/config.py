@@ -75,7 +75,7 @@ class AnimateConfig:
     decode_chunk_size: int | None = option(None, "frames per VAE decode (default: 8, fewer with a warning when half "
                                            "the free memory cannot hold 8; the chunk changes the pixels)",
                                            flag="--decode-chunk", minimum=1)
-    seed: int = option(42, "random seed", per_job=True)
+    seed: int = option(42, "random seed (-1: a new one each run, printed)", per_job=True, minimum=-1)
     dtype: Literal[DTYPES] = option("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16", load=True)
     offload: Literal[OFFLOAD_MODES] = option("none", "keep models in CPU memory: model (each model moves to the GPU "
                                              "while it runs) or sequential (each layer; slowest, least memory)",

@@ -308,3 +308,16 @@ def test_each_reference_is_detected_once_for_many_jobs(inputs, tmp_path, monkeyp
     with Animator(config, progress=False) as animator:
         results = [animator(inputs["ref"], inputs["poses"], tmp_path / name) for name in ("a.mp4", "b.mp4")]
     assert [r.frames for r in results] == [4, 4] and calls == [inputs["ref"]]  # 3 poses + the reference's
+
+
+def test_seed_minus_one_draws_a_seed_and_prints_it(inputs, tmp_path, capsys, monkeypatch):
+    from svd_controlnext import animate as animate_module
+
+    monkeypatch.setattr(animate_module.secrets, "randbelow", lambda n: 1234)
+    code, stdout, _ = run(capsys, "--ref", inputs["ref"], "--pose", inputs["poses"], "--preset", "tiny", "--steps",
+                          "1", "--seed", "-1", "-o", tmp_path / "a.mp4")
+    assert code == 0 and ", seed 1234" in stdout
+    code, stdout, _ = run(capsys, "--ref", inputs["ref"], "--pose", inputs["poses"], "--preset", "tiny", "--steps",
+                          "1", "--seed", "1234", "-o", tmp_path / "b.mp4")
+    assert code == 0 and ", seed" not in stdout
+    assert run(capsys, "--ref", inputs["ref"], "--pose", inputs["poses"], "--seed", "-2")[0] == 2
