@@ -164,7 +164,26 @@ def read_image(path, orientation: bool = True) -> np.ndarray:
     image = cv2.imread(str(path), flags)
     if image is None:
         raise InputError(f"{path}: not a readable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    composited = _over_background(path, orientation)
+    return composited if composited is not None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# What shows through transparent pixels of a reference: white, the background of most character sheets (the
+# colour stored under transparent pixels is arbitrary, often black).
+TRANSPARENCY_BACKGROUND = 255.0
+
+
+def _over_background(path: Path, orientation: bool) -> np.ndarray | None:
+    """An image with an alpha channel, composited over TRANSPARENCY_BACKGROUND (None when it has none)."""
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.ndim != 3 or raw.shape[2] != 4:
+        return None
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        rgba = np.asarray((ImageOps.exif_transpose(image) if orientation else image).convert("RGBA"), np.float32)
+    alpha = rgba[..., 3:] / 255.0
+    return (rgba[..., :3] * alpha + TRANSPARENCY_BACKGROUND * (1 - alpha)).round().astype(np.uint8)
 
 
 def is_image_path(path) -> bool:

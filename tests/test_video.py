@@ -167,3 +167,21 @@ def test_a_killed_runs_part_file_is_removed_by_the_next_writer(tmp_path):
         writer.write(np.zeros((16, 16, 3), np.uint8))
     assert not stale.exists() and live.exists() and other.exists()
     assert (tmp_path / "out.mp4").is_file()
+
+
+def test_transparent_reference_is_composited_over_white(tmp_path):
+    """RGBA red at alpha 0, 128, 255: white; 255 * 128/255 + 255 * 127/255 = 255 red and 255 * 127/255 = 127
+    green and blue; red. The same pixels without alpha read unchanged."""
+    from PIL import Image
+
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[0, :, 3] = (0, 128, 255)
+    rgba[1, :, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    image = read_image(tmp_path / "a.png")
+    assert image[0, 0].tolist() == [255, 255, 255]
+    assert image[0, 1].tolist() == [255, 127, 127]
+    assert image[0, 2].tolist() == [255, 0, 0] and image[1].tolist() == [[255, 0, 0]] * 3
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "b.png")
+    assert read_image(tmp_path / "b.png").tolist() == rgba[..., :3].tolist()
