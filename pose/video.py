@@ -150,9 +150,9 @@ def iter_frames(
                        path, index + 1, declared)
 
 
-def read_image(path, orientation: bool = True) -> np.ndarray:
-    """An image file as RGB uint8 (H, W, 3), EXIF orientation applied by OpenCV (`orientation=False`
-    ignores it, as PIL's plain loader does)."""
+def read_image(path, orientation: bool = True, transparency: bool = True) -> np.ndarray:
+    """An image file as RGB uint8 (H, W, 3), EXIF orientation applied by OpenCV and transparent pixels
+    composited over white. `orientation=False, transparency=False` read it as PIL's plain RGB loader does."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -164,7 +164,7 @@ def read_image(path, orientation: bool = True) -> np.ndarray:
     image = cv2.imread(str(path), flags)
     if image is None:
         raise InputError(f"{path}: not a readable image")
-    composited = _over_background(path, orientation)
+    composited = _over_background(path, orientation) if transparency else None
     return composited if composited is not None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

@@ -157,7 +157,8 @@ class Reference:
 
 def load_reference(path: Path, config: AnimateConfig, detector: Callable[[], PoseDetector] | None) -> Reference:
     """Read, frame and (when `detector` is given) detect the reference as `config` asks."""
-    original = read_image(path, orientation=not config.published_sampling)  # published: PIL's loader, no EXIF
+    published = config.published_sampling  # PIL's plain loader: no EXIF rotation, alpha dropped
+    original = read_image(path, orientation=not published, transparency=not published)
     if config.published_sampling:
         image = crop_reference_published(original, config.width, config.height)
         seen = image

@@ -183,5 +183,6 @@ def test_transparent_reference_is_composited_over_white(tmp_path):
     assert image[0, 0].tolist() == [255, 255, 255]
     assert image[0, 1].tolist() == [255, 127, 127]
     assert image[0, 2].tolist() == [255, 0, 0] and image[1].tolist() == [[255, 0, 0]] * 3
+    assert read_image(tmp_path / "a.png", transparency=False)[0, 0].tolist() == [255, 0, 0]  # as published
     Image.fromarray(rgba[..., :3]).save(tmp_path / "b.png")
     assert read_image(tmp_path / "b.png").tolist() == rgba[..., :3].tolist()
