@@ -128,6 +128,24 @@ def test_console_script_exits_non_zero_without_traceback(tmp_path):
     assert result.stderr.strip() == f"svd-animate: error: {tmp_path / 'x.mp4'}: no such file"
 
 
+def test_nobody_in_the_reference_is_one_line_with_mediapipe(tmp_path):
+    """MediaPipe's C++ logging (TFLite delegate, inference_feedback_manager warnings) is filtered out, so the
+    error is the only line on stderr, without -q."""
+    import cv2
+
+    from tests.helpers import square_frames, write_clip
+
+    cv2.imwrite(str(tmp_path / "blank.png"), np.full((64, 64, 3), 128, np.uint8))
+    video = write_clip(tmp_path / "clip.mp4", square_frames(4))
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "pose", "--video", str(video), "--ref",
+                             str(tmp_path / "blank.png"), "--detector", "mediapipe", "-o", str(tmp_path / "p.npz")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"svd-animate: error: {tmp_path / 'blank.png'}: no person found in the "
+                                          "reference image; stylised characters often defeat pose detectors: use "
+                                          "--align none to skip alignment"]
+
+
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["pose", "--help"])

@@ -11,7 +11,10 @@ Holistic follows a single person, so there is no person choice to make.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -33,6 +36,37 @@ FACE68_FROM_MESH = (
     61, 39, 37, 0, 267, 269, 291, 405, 314, 17, 84, 181,  # outer lips 48-59
     78, 82, 13, 312, 308, 317, 14, 87,  # inner lips 60-67
 )
+
+
+# What MediaPipe's C++ side (glog, TFLite) prints on stderr on every run, bypassing Python: dropped, so that
+# a run's own messages, an error above all, are not buried under them. Anything else it prints is kept.
+NATIVE_NOISE = ("inference_feedback_manager", "Created TensorFlow Lite XNNPACK delegate",
+                "All log messages before absl::InitializeLog()", "gl_context", "landmark_projection_calculator")
+
+
+@contextlib.contextmanager
+def native_noise_filtered():
+    """Route file descriptor 2 to a temporary file while MediaPipe works, then replay its lines minus
+    NATIVE_NOISE. (A Python-level redirect cannot catch C++ writes to the descriptor itself.)"""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable stderr: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().decode(errors="replace").splitlines()
+                    if line.strip() and not any(noise in line for noise in NATIVE_NOISE)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)
 
 
 def _import_mediapipe():
@@ -89,12 +123,14 @@ class MediaPipeDetector(PoseDetector):
                 "mediapipe": self._mp.__version__}
 
     def _holistic(self, static: bool):
-        return self._mp.solutions.holistic.Holistic(
-            static_image_mode=static, model_complexity=self.model_complexity,
-            min_detection_confidence=self.min_detection_confidence)
+        with native_noise_filtered():
+            return self._mp.solutions.holistic.Holistic(
+                static_image_mode=static, model_complexity=self.model_complexity,
+                min_detection_confidence=self.min_detection_confidence)
 
     def _run(self, holistic, image: np.ndarray):
-        result = holistic.process(np.ascontiguousarray(image))
+        with native_noise_filtered():
+            result = holistic.process(np.ascontiguousarray(image))
         if result.pose_landmarks is None:
             return None
         visibility = [p.visibility for p in result.pose_landmarks.landmark]
