@@ -280,10 +280,12 @@ def run_batch(args) -> int:
     unreadable = batch.unreadable_inputs(jobs)
     for path, reason in unreadable.items():
         logger.warning("%s (its jobs will be recorded as failed)", reason)
+    options = batch.BatchOptions(outdir, args.weights, args.device, args.cache_dir, not args.no_cache,
+                                 args.dwpose_dir, args.overwrite, args.side_by_side, progress=not args.quiet)
     if args.dry_run:
-        print(batch.dry_run_listing(jobs, config, args, unreadable))
+        print(batch.dry_run_listing(jobs, config, options, unreadable))
         return 0
-    return batch.run_batch_process(jobs, config, args, unreadable, label=random_weights_label(config))
+    return batch.run_batch_process(jobs, config, options, unreadable, label=random_weights_label(config))
 
 
 def add_prepare_data_parser(subparsers) -> None:

@@ -45,6 +45,25 @@ MANIFEST_COLUMNS = {"ref", "pose", "output", *JOB_OPTIONS}
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchOptions:
+    """How a batch runs, beyond the generation config (what `svd-animate batch` takes as flags)."""
+    outdir: Path
+    weights: Path | None = None
+    device: str | None = None  # None: this process's GPU when there is one, else the CPU
+    cache_dir: Path | None = None  # the pose cache (None: the default folder)
+    use_cache: bool = True
+    dwpose_dir: Path | None = None
+    overwrite: bool = False
+    side_by_side: bool = False
+    progress: bool = True
+
+    def pose_cache(self):
+        from pose.cache import PoseCache
+
+        return PoseCache(self.cache_dir) if self.use_cache else None
+
+
+@dataclasses.dataclass(frozen=True)
 class Job:
     index: int
     ref: Path
@@ -332,21 +351,20 @@ def pose_cache_state(job: Job, config, cache, detector) -> str:
     return "cached" if cache.path(key).is_file() else "to extract"
 
 
-def dry_run_listing(jobs: list[Job], config, args, unreadable: dict[Path, str]) -> str:
-    from pose.cache import PoseCache
+def dry_run_listing(jobs: list[Job], config, options: BatchOptions, unreadable: dict[Path, str]) -> str:
     from pose.detect import load_detector
 
     from .animate import detector_name
 
-    cache = None if args.no_cache else PoseCache(args.cache_dir)
+    cache = options.pose_cache()
     lines = []
     counts = {"run": 0, "skip": 0, "fail": 0}
-    with load_detector(detector_name(config), dwpose_dir=args.dwpose_dir) as detector:
+    with load_detector(detector_name(config), dwpose_dir=options.dwpose_dir) as detector:
         for job in jobs:
             if job.ref in unreadable or job.pose in unreadable:
                 action = "fail"
             else:
-                action = "skip" if job.output.exists() and not args.overwrite else "run"
+                action = "skip" if job.output.exists() and not options.overwrite else "run"
             counts[action] += 1
             poses = "-" if job.pose in unreadable else pose_cache_state(job, config, cache, detector)
             extra = " ".join(f"{k}={v}" for k, v in job.overrides)
@@ -357,31 +375,29 @@ def dry_run_listing(jobs: list[Job], config, args, unreadable: dict[Path, str]) 
     return "\n".join(lines)
 
 
-def run_batch_process(jobs: list[Job], config, args, unreadable: dict[Path, str], label: str = "") -> int:
+def run_batch_process(jobs: list[Job], config, options: BatchOptions, unreadable: dict[Path, str],
+                      label: str = "") -> int:
     """This process's share of the jobs; the main process then merges the report and prints it."""
     import torch
     from accelerate import PartialState
 
-    from pose.cache import PoseCache
-
     from .animate import Animator
 
     started = time.perf_counter()
-    state = PartialState(cpu=not torch.cuda.is_available() or (args.device or "").startswith("cpu"))
-    outdir = Path(args.output)
+    state = PartialState(cpu=not torch.cuda.is_available() or (options.device or "").startswith("cpu"))
+    outdir = Path(options.outdir)
     if state.is_main_process:
         for leftover in remove_leftovers(outdir):
             logger.info("%s: removed (left by an interrupted run)", leftover)
     state.wait_for_everyone()
     share = split_jobs(jobs, state.num_processes)[state.process_index]
-    device = args.device or (str(state.device) if state.device.type == "cuda" else "cpu")
-    cache = None if args.no_cache else PoseCache(args.cache_dir)
-    progress = not args.quiet
-    with Animator(config, args.weights, device, cache, args.dwpose_dir, progress) as animator:
+    device = options.device or (str(state.device) if state.device.type == "cuda" else "cpu")
+    with Animator(config, options.weights, device, options.pose_cache(), options.dwpose_dir,
+                  options.progress) as animator:
         def run_one(job: Job) -> int:
-            return animator(job.ref, job.pose, job.output, args.side_by_side, **job_overrides(job)).frames
+            return animator(job.ref, job.pose, job.output, options.side_by_side, **job_overrides(job)).frames
 
-        records = run_jobs(share, run_one, args.overwrite, unreadable, state.process_index, progress)
+        records = run_jobs(share, run_one, options.overwrite, unreadable, state.process_index, options.progress)
     write_json(part_report(outdir, state.process_index, state.num_processes),
                [dataclasses.asdict(record) for record in records])
     state.wait_for_everyone()

@@ -276,3 +276,20 @@ def test_sigkill_then_rerun_finishes_the_rest(folders, tmp_path):
     now = finished_outputs(out)
     assert {name: now[name] for name in finished} == finished  # not redone
     assert len(now) == 6 and not list(out.glob(".*"))  # nothing partial left
+
+
+def test_batch_from_python_without_the_command_line(folders, tmp_path):
+    """The library takes a BatchOptions, not argparse's Namespace."""
+    from svd_controlnext.batch import BatchOptions, dry_run_listing
+    from svd_controlnext.config import load_preset
+
+    refs, poses = folders
+    out = tmp_path / "out"
+    jobs = jobs_from_folders(refs, poses, out)
+    out.mkdir()
+    jobs[0].output.write_bytes(b"done")
+    listing = dry_run_listing(jobs, load_preset("tiny").replace(detector="mediapipe"),
+                              BatchOptions(out, use_cache=False), unreadable={})
+    lines = listing.splitlines()
+    assert len(lines) == 5 and lines[-1] == "4 jobs: 3 to run, 1 already done (skipped), 0 with unreadable inputs"
+    assert "skip" in lines[0] and all("npz" in line for line in lines[:4])
