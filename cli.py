@@ -82,12 +82,11 @@ def add_pose_parser(subparsers) -> None:
 
 
 def run_pose(args) -> int:
-    from pose.align import align
     from pose.cache import PoseCache
     from pose.detect import load_detector
-    from pose.extract import ExtractSettings, detect_reference, extract_video
+    from pose.extract import ExtractSettings, detect_reference, extract_aligned
     from pose.preview import write_preview
-    from pose.video import check_writable, is_image_path, probe_video
+    from pose.video import check_writable, is_image_path, probe_video, read_image
 
     if is_image_path(args.video):
         raise InputError(f"{args.video}: is an image; --video takes a driving video")
@@ -106,20 +105,15 @@ def run_pose(args) -> int:
     settings = ExtractSettings(args.stride, args.max_frames, args.start, args.end, args.fill)
     cache = None if args.no_cache else PoseCache(args.cache_dir)
     with load_detector(args.detector or "auto", dwpose_dir=args.dwpose_dir) as detector:
-        reference_image = None
-        reference = None
+        reference, reference_image = None, None
         if args.ref is not None and method != "none":
             reference, reference_image = detect_reference(args.ref, detector)
         elif args.ref is not None:
-            from pose.video import read_image
-
             reference_image = read_image(args.ref)
-        result = extract_video(args.video, detector, settings, cache, progress=not args.quiet)
+        size = (reference_image.shape[1], reference_image.shape[0]) if reference_image is not None else None
+        result = extract_aligned(args.video, detector, settings, cache, reference, method, size,
+                                 progress=not args.quiet)
     poses = result.poses
-    if reference is not None:
-        poses = align(poses, reference, method)
-    elif reference_image is not None:
-        poses = poses.replace(width=reference_image.shape[1], height=reference_image.shape[0])
     poses.meta = {**poses.meta, "reference": args.ref.name if args.ref else None, "align": poses.meta.get(
         "align", {"method": method})}
     poses.save(args.output)

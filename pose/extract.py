@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .align import VISIBLE, align
 from .cache import PoseCache, cache_key, file_digest
 from .detect.base import PoseDetector
 from .errors import InputError, NoPersonError
@@ -115,6 +116,21 @@ def extract_video(
                                frame_index=np.array(indices), filled=filled, meta=meta)
     cache_path = cache.put(key, poses) if cache is not None else None
     return Extraction(poses, False, cache_path)
+
+
+def extract_aligned(video, detector: PoseDetector, settings: ExtractSettings, cache: PoseCache | None,
+                    reference: PoseSequence | None, method: str = "ls", reference_size: tuple[int, int] | None = None,
+                    fit_threshold: float | None = VISIBLE, progress: bool = True) -> Extraction:
+    """The driving poses of `video` in the reference's frame: aligned to the `reference` pose (`ls`, `bones`),
+    or with `none` the driving frame laid over a `reference_size` (width, height) image as it is. Shared by
+    `svd-animate pose` and the main job."""
+    result = extract_video(video, detector, settings, cache, progress=progress)
+    poses = result.poses
+    if method != "none":
+        poses = align(poses, reference, method, fit_threshold)
+    elif reference_size is not None:
+        poses = poses.replace(width=reference_size[0], height=reference_size[1])
+    return dataclasses.replace(result, poses=poses)
 
 
 def expected_count(info, settings: ExtractSettings) -> int | None:

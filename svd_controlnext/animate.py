@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pose.align import VISIBLE, align
+from pose.align import VISIBLE
 from pose.cache import PoseCache
 from pose.detect import load_detector
 from pose.detect.base import PoseDetector
 from pose.errors import InputError
-from pose.extract import ExtractSettings, detect_reference, expected_count, extract_video
+from pose.extract import ExtractSettings, detect_reference, expected_count, extract_aligned
 from pose.render import render_sequence
 from pose.skeleton import PoseSequence
 from pose.video import AudioClip, VideoWriter, check_writable, has_audio, is_image_path, probe_video, read_image
@@ -224,11 +224,8 @@ def driving_poses(video: Path, ref: Reference, config: AnimateConfig, detector: 
     (`dwpose/preprocess.py`, `get_video_pose`: `max_frame_num` is computed there but never used), then
     keeps the first frames."""
     cap = driving_frames_cap(config)
-    poses = extract_video(video, detector(), extract_settings(config), cache, progress=progress).poses
-    if config.align != "none":
-        poses = align(poses, ref.pose, config.align, fit_threshold=None if config.published_sampling else VISIBLE)
-    else:  # the driving frame laid over the whole reference image, then through its framing
-        poses = poses.replace(width=ref.original_size[0], height=ref.original_size[1])
+    poses = extract_aligned(video, detector(), extract_settings(config), cache, ref.pose, config.align,
+                            ref.original_size, None if config.published_sampling else VISIBLE, progress).poses
     return poses.select(slice(0, cap)) if cap else poses
 
 
