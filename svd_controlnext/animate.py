@@ -86,6 +86,8 @@ def load_published_pipeline(config: AnimateConfig, weights: Path | None, dtype: 
     pretrained UNet with `unet.bin` loaded over it (`strict=False`), the encoder from `controlnet.bin`.
     `--weights DIR` (from `convert` or training) replaces both with its pose_encoder/ and unet/."""
     from .pipeline import ControlNeXtSVDPipeline
+    from pose.hub import hub_local_only
+
     from .weights import hub_error_message, load_pose_encoder, load_unet
 
     control = weights or config.control_weights
@@ -99,7 +101,7 @@ def load_published_pipeline(config: AnimateConfig, weights: Path | None, dtype: 
     unet = load_unet(config.base_model, unet_weights, dtype)
     try:
         return ControlNeXtSVDPipeline.from_pretrained(config.base_model, pose_encoder=encoder, unet=unet,
-                                                      dtype=dtype)
+                                                      dtype=dtype, local_files_only=hub_local_only())
     except Exception as e:  # noqa: BLE001 - hub, file and config errors all end the run in one line
         raise InputError(f"cannot load the base model {config.base_model}: {hub_error_message(e, config.base_model)}"
                          ) from None

@@ -30,7 +30,7 @@ import torch
 from pose.atomic import publish
 from pose.cache import ENV_DIR, default_cache_dir
 from pose.errors import InputError
-from pose.hub import hub_offline
+from pose.hub import hub_local_only, hub_offline
 
 from .encoder import PoseEncoder
 
@@ -180,7 +180,7 @@ def resolve_file(source, filename: str) -> Path:
 
     repo = str(source) if source else HUB_REPO
     try:
-        return Path(hf_hub_download(repo, filename, subfolder=HUB_SUBFOLDER, local_files_only=hub_offline()))
+        return Path(hf_hub_download(repo, filename, subfolder=HUB_SUBFOLDER, local_files_only=hub_local_only()))
     except Exception as e:  # noqa: BLE001 - offline, gated, missing: all say what to do in one line
         raise InputError(f"cannot fetch {HUB_SUBFOLDER}/{filename}: {hub_error_message(e, repo)}") from None
 
@@ -387,7 +387,7 @@ def _pretrained_unet(base, dtype: torch.dtype):
     _check_base_folder(base)
     try:
         return _unet_class().from_pretrained(str(base), subfolder="unet", dtype=dtype, low_cpu_mem_usage=True,
-                                             local_files_only=hub_offline())
+                                             local_files_only=hub_local_only())
     except Exception as e:  # noqa: BLE001 - hub, file and format errors all become one line
         raise InputError(f"cannot load the UNet of the base model {base}: {_base_error(e, base)}") from None
 
@@ -400,7 +400,7 @@ def _unet_skeleton(base):
     _check_base_folder(base)
     unet_class = _unet_class()
     try:
-        config = unet_class.load_config(str(base), subfolder="unet", local_files_only=hub_offline())
+        config = unet_class.load_config(str(base), subfolder="unet", local_files_only=hub_local_only())
     except Exception as e:  # noqa: BLE001
         raise InputError(f"cannot read the UNet config of the base model {base}: {_base_error(e, base)}") from None
     with init_empty_weights():

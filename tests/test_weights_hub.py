@@ -94,3 +94,22 @@ def test_a_gated_base_model_through_load_unet(monkeypatch):
         load_unet(BASE_MODEL, None)
     message = one_line(str(info.value))
     assert "is a gated model: accept its licence" in message and "hf auth login" in message
+
+
+def test_an_unreachable_hub_fails_at_once_without_hf_hub_offline(monkeypatch):
+    """No HF_HUB_OFFLINE, but the hub does not answer the one short probe: every hub call becomes local-only,
+    so there are none of huggingface_hub's minutes of retries, and the line says the hub cannot be reached."""
+    import huggingface_hub.file_download as download
+
+    import pose.hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(pose.hub, "_reachable", {})
+    probes = []
+    monkeypatch.setattr(pose.hub, "hub_reachable", lambda url: probes.append(url) or False)
+    monkeypatch.setattr(download, "get_hf_file_metadata", lambda *a, **k: pytest.fail("network"))
+    for _ in range(2):
+        with pytest.raises(InputError) as info:
+            resolve_file(None, UNET_FILE)
+        assert "huggingface.co cannot be reached" in one_line(str(info.value))
+    assert len(probes) == 1  # probed once per process

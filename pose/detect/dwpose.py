@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from ..errors import InputError
-from ..hub import hub_offline
+from ..hub import hub_endpoint, hub_offline, hub_reachable
 from .base import PoseDetector, choose_box, empty_pose
 
 logger = logging.getLogger(__name__)
@@ -179,10 +178,6 @@ def wholebody_to_openpose(keypoints: np.ndarray, scores: np.ndarray, width: int,
 
 # ---- weights and the detector -----------------------------------------------------------------
 
-# One HEAD request with this deadline (DNS included) decides whether the hub answers at all; see hub_reachable.
-PROBE_TIMEOUT = 5.0
-
-
 class WeightsUnavailable(InputError):
     """The two ONNX files are neither here nor downloadable now; `reason` says why in a few words, so that
     `auto` can fall back with a short warning while `--detector dwpose` shows the whole line."""
@@ -191,51 +186,6 @@ class WeightsUnavailable(InputError):
         self.reason = reason
         super().__init__(f"DWPose weights could not be downloaded from {repo} ({reason}); put {DETECTOR_FILE} and "
                          f"{POSE_FILE} in a folder and pass --dwpose-dir")
-
-
-def hub_endpoint() -> str:
-    """$HF_ENDPOINT read now (a mirror or a private hub), else the library's default."""
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def probe_timeout() -> float:
-    """$HF_HUB_ETAG_TIMEOUT when set: the hub's own knob for its first metadata request, which a user on a
-    slow link raises already; else PROBE_TIMEOUT."""
-    try:
-        return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or PROBE_TIMEOUT)
-    except ValueError:
-        return PROBE_TIMEOUT
-
-
-def _answers(url: str, timeout: float) -> bool:
-    """One HEAD through the hub client's own session (its proxies, certificates and client factory, so the
-    probe fails exactly when the download would); any status, even 401/404/5xx, is an answer."""
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(url, timeout=timeout)
-        return True
-    except Exception:
-        return False
-
-
-def hub_reachable(url: str, timeout: float | None = None) -> bool:
-    """Does anything answer HTTP at `url` within `timeout` seconds? One request, no retries.
-
-    huggingface_hub retries an unreachable hub with backoff (23 s of waiting with huggingface_hub 2.4 when
-    DNS fails; minutes when connections hang), so an offline run would stall before falling back. The
-    deadline is enforced around the whole request, DNS lookup included (a socket timeout does not cover
-    it). Only this probe is short: the download itself keeps the hub's timeouts and retries, so a slow
-    but working connection is not cut short.
-    """
-    timeout = probe_timeout() if timeout is None else timeout
-    result: list[bool] = []
-    thread = threading.Thread(target=lambda: result.append(_answers(url, timeout)), daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
 
 
 def find_weights(source: str | os.PathLike | None = None, download: bool = False) -> tuple[Path, Path] | None:
