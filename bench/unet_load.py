@@ -8,8 +8,9 @@ published file's format) and a second one with 3 keys left out (so the base's ow
 
 Each case runs in a fresh subprocess:
 - published: `from_pretrained(base, subfolder="unet", low_cpu_mem_usage=True)`, then
-  `load_state_dict(torch.load(unet.bin), strict=False)` (ControlNeXt-SVD-v2/run_controlnext.py; this was
-  also the memory profile of our old `load_unet_checkpoint`);
+  `load_state_dict(<the whole pickle in memory>, strict=False)` (ControlNeXt-SVD-v2/run_controlnext.py; the
+  bench reads it with weights_only=True, which costs the same memory; this was also the memory profile of our
+  old `load_unet_checkpoint`);
 - load_unet_<dtype>[_partial]_first: `load_unet` with an empty conversion cache (converts, then loads);
 - load_unet_<dtype>[_partial]_cached: the same again, reusing the converted file.
 After loading, every weight is read once (as moving the model to a GPU does), so mapped files count.
