@@ -161,7 +161,7 @@ def load_reference(path: Path, config: AnimateConfig, detector: Callable[[], Pos
     """Read, frame and (when `detector` is given) detect the reference as `config` asks."""
     published = config.published_sampling  # PIL's plain loader: no EXIF rotation, alpha dropped
     original = read_image(path, orientation=not published, transparency=not published)
-    if config.published_sampling:
+    if published:
         image = crop_reference_published(original, config.width, config.height)
         seen = image
     else:

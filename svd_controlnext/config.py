@@ -90,6 +90,8 @@ class AnimateConfig:
 
     def __post_init__(self):
         check_config(self)
+        if self.overlap >= self.window:
+            raise InputError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
 
     def replace(self, **changes) -> "AnimateConfig":
         """A copy with `changes`; a None value means "not given" and changes nothing."""
@@ -123,8 +125,6 @@ def check_config(config) -> None:
     types = field_types(type(config))
     for field in dataclasses.fields(config):
         check_value(field, types[field.name], getattr(config, field.name))
-    if isinstance(config, AnimateConfig) and config.overlap >= config.window:
-        raise InputError(f"overlap ({config.overlap}) must be smaller than window ({config.window})")
 
 
 # Names that set several fields at once, on the command line and in batch manifests.

@@ -179,12 +179,10 @@ def training_loss(batch: dict, models: dict, unet, encoder, injector: ControlInj
 
 
 def make_lr_scheduler(config: TrainConfig, optimizer):
-    """Constant LR (published: train_svd.py's default "constant", which ignores its warm-up argument), or a
-    linear warm-up over `warmup_steps` first."""
+    """Constant LR (published: train_svd.py's default "constant", which ignores its warm-up argument), after
+    a linear warm-up over `warmup_steps` when there is one (0, the default: none)."""
     from diffusers.optimization import get_scheduler
 
-    if config.warmup_steps == 0:
-        return get_scheduler("constant", optimizer)
     return get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=config.warmup_steps)
 
 
