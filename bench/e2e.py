@@ -33,9 +33,9 @@ def child(mode: str, args) -> dict:
     from PIL import Image
 
     from bench.fullsize import full_components, published_settings
-    from svd_controlnext.animate import place_pipeline
+    from svd_animate.animate import place_pipeline
     from svd_controlnext.decode import iter_decoded_frames
-    from svd_controlnext.memory import decode_chunk_for, free_memory
+    from svd_animate.memory import decode_chunk_for, free_memory
     from svd_controlnext.pipeline import ControlNeXtSVDPipeline
 
     device = torch.device(args.device)

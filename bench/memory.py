@@ -19,7 +19,7 @@ One denoising step is enough: every step holds the same tensors.
 
 Prints one JSON object as its last line: per mode, resident parameters and activation peaks of sampling and decoding,
 `predicted_peak_gib`, and `peak_memory_ratio` (ours / published), `fits_20gib` per mode, and the decode working memory
-per frame (`decode_gib_per_frame`) next to what `svd_controlnext.memory` assumes.
+per frame (`decode_gib_per_frame`) next to what `svd_animate.memory` assumes.
 Run: .venv/bin/python bench/memory.py            (48 frames, windows 24/6; about 7 minutes on 2 cores)
      .venv/bin/python bench/memory.py --quick    (24 frames, one window; about 3 minutes)
 """
@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.fullsize import full_components, published_settings  # noqa: E402
 from svd_controlnext.decode import iter_decoded_chunks  # noqa: E402
-from svd_controlnext.memory import decode_chunk_for  # noqa: E402
+from svd_animate.memory import decode_chunk_for  # noqa: E402
 from svd_controlnext.pipeline import ControlNeXtSVDPipeline  # noqa: E402
 
 GIB = 2**30
@@ -185,7 +185,7 @@ def main():
     diffusers.utils.logging.set_verbosity_error()  # casting the fake models to fp16 warns once per model
     started = time.perf_counter()
     modes = {mode: measure(mode, args) for mode in ("ours", "ours_low_vram", "published")}
-    from svd_controlnext.memory import DECODE_BYTES_PER_PIXEL_FP32
+    from svd_animate.memory import DECODE_BYTES_PER_PIXEL_FP32
 
     print(json.dumps({
         "method": "fake tensors + torch MemTracker (live tensor bytes; no CUDA context, allocator slack or workspaces)",

@@ -28,7 +28,7 @@ from pose.detect.dwpose import DETECTOR_FILE, POSE_FILE, DWPoseDetector, find_we
 from pose.detect.mediapipe import MediaPipeDetector  # noqa: E402
 from pose.extract import ExtractSettings, extract_video  # noqa: E402
 from pose.render import draw_pose, render_sequence  # noqa: E402
-from pose.video import iter_frames  # noqa: E402
+from svd_common.video import iter_frames  # noqa: E402
 
 CLIP = ROOT.parent / "shared" / "data" / "driving_controlnext_v2_01.mp4"
 

@@ -26,8 +26,8 @@ def child(mode: str, data: str, steps: int, size: int, frames: int, run: str) ->
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from svd_controlnext.train.config import load_train_config
-    from svd_controlnext.train.trainer import train
+    from svd_animate.train.config import load_train_config
+    from svd_animate.train.trainer import train
 
     config = load_train_config("tiny").replace(
         data=data, output_dir=run, trainable=mode, width=size, height=size, num_frames=frames, max_steps=1,

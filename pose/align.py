@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import NoPersonError
+from svd_common.errors import NoPersonError
 from .skeleton import PoseSequence
 
 VISIBLE = 0.3

@@ -10,23 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
-from .errors import InputError
+from svd_common.cache_dirs import pose_cache_dir
+from svd_common.errors import InputError
 from .skeleton import FORMAT_VERSION, PoseSequence
 
 logger = logging.getLogger(__name__)
-
-ENV_DIR = "SVD_ANIMATE_CACHE"
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get(ENV_DIR):
-        return Path(os.environ[ENV_DIR])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "svd-animate" / "poses"
-
 
 def file_digest(path, chunk_size: int = 1 << 20) -> str:
     """SHA-256 of the file's bytes: a renamed or copied clip still hits, an edited one does not."""
@@ -45,7 +35,7 @@ def cache_key(video_digest: str, detector: str, detector_settings: dict, extract
 
 class PoseCache:
     def __init__(self, directory=None):
-        self.directory = Path(directory) if directory else default_cache_dir()
+        self.directory = Path(directory) if directory else pose_cache_dir()
 
     def path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.npz"

@@ -12,9 +12,9 @@ from tqdm.auto import tqdm
 from .align import VISIBLE, align
 from .cache import PoseCache, cache_key, file_digest
 from .detect.base import PoseDetector
-from .errors import InputError, NoPersonError
+from svd_common.errors import InputError, NoPersonError
 from .skeleton import ARRAY_SHAPES, PoseSequence
-from .video import iter_frames, probe_video, read_image
+from svd_common.video import iter_frames, probe_video, read_image
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from .extract import ExtractSettings
 from .render import draw_pose
 from .skeleton import PoseSequence
-from .video import VideoWriter, iter_frames
+from svd_common.video import VideoWriter, iter_frames
 
 PREVIEW_HEIGHT = 640
 REFERENCE_GAIN = 0.45

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import publish
-from .errors import InputError
+from svd_common.atomic import publish
+from svd_common.errors import InputError
 
 FORMAT_NAME = "svd-animate.pose"
 FORMAT_VERSION = 1

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from pose.atomic import publish
-from pose.cache import ENV_DIR, default_cache_dir
-from pose.errors import InputError
-from pose.hub import hub_local_only, hub_offline
+from svd_common.atomic import publish
+from svd_common.cache_dirs import weights_cache_dir
+from svd_common.errors import InputError
+from svd_common.hub import hub_local_only, hub_offline
 
 from .encoder import PoseEncoder
 
@@ -206,13 +206,6 @@ def load_pose_encoder(source, **config) -> PoseEncoder:
 
 # --- the conversion cache ----------------------------------------------------------------------------
 
-def default_weights_cache() -> Path:
-    """`$SVD_ANIMATE_CACHE/weights`, else `~/.cache/svd-animate/weights` ($XDG_CACHE_HOME honoured):
-    the pose cache's root rule (pose/cache.py), so one setting moves both."""
-    poses = default_cache_dir()
-    return (poses if os.environ.get(ENV_DIR) else poses.parent) / "weights"
-
-
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -317,13 +310,13 @@ def _drop_stale(directory: Path, keep: Path, source: str, dtype: torch.dtype) ->
 
 def converted_checkpoint(file, dtype: torch.dtype, cache_dir=None, check=None) -> Path | None:
     """The pickled checkpoint `file` as safetensors in `dtype`: converted on first use into the cache
-    (default `default_weights_cache()`), reused afterwards.
+    (default `weights_cache_dir()`), reused afterwards.
 
     `check(state)` may refuse the pickle's contents before anything is written. Returns None when
     the cache cannot take the file (read-only, too little space): the caller then reads the pickle.
     """
     file = Path(file)
-    directory = Path(cache_dir) if cache_dir else default_weights_cache()
+    directory = Path(cache_dir) if cache_dir else weights_cache_dir()
     key = source_key(file, dtype)
     target = directory / f"{file.stem}-{_dtype_name(dtype)}-{key[:20]}.safetensors"
     if target.is_file():
@@ -439,7 +432,7 @@ def load_unet(base_model: str, unet_weights: str | os.PathLike | None, dtype: to
     pretrained values. `unet_weights`: None (the base's UNet), a unet.bin / .safetensors file, a
     folder holding unet.bin, a diffusers UNet folder (or one holding `unet/`), or a hub repo id
     (then `ControlNeXt-SVD/v2/unet.bin` in it). A pickle is converted once into the cache
-    (`cache_dir`, default `default_weights_cache()`).
+    (`cache_dir`, default `weights_cache_dir()`).
     """
     return _load_unet(base_model, unet_weights, dtype, cache_dir, use_cache=True)
 

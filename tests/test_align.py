@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from pose.align import align, align_bones, apply_linear, bone_ratios, fit_linear, retarget_bones
-from pose.errors import NoPersonError
+from svd_common.errors import NoPersonError
 from pose.skeleton import PoseSequence
 from tests.helpers import make_pose
 

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-import cli
-from pose.errors import InputError
+from svd_animate import cli
+from svd_common.errors import InputError
 from pose.skeleton import PoseSequence
-from svd_controlnext.framing import cover_crop, crop_poses
-from svd_controlnext.config import AnimateConfig, load_preset
+from svd_animate.framing import cover_crop, crop_poses
+from svd_animate.config import AnimateConfig, load_preset
 from tests.helpers import make_pose
 
 
@@ -114,7 +114,7 @@ def test_no_weights_reachable_points_to_tiny(inputs, tmp_path, capsys, monkeypat
 
 def test_too_long_for_memory_refused_before_any_pose_is_extracted(shared_data, tmp_path, capsys, monkeypatch):
     import pose.detect
-    from svd_controlnext import memory
+    from svd_animate import memory
 
     monkeypatch.setattr(memory, "free_memory", lambda device: (2 * 30 * 64 * 64 * 3, 0))  # room for ~25 frames
     monkeypatch.setattr(pose.detect, "load_detector", lambda *a, **k: pytest.fail("poses were extracted"))
@@ -146,7 +146,7 @@ def test_out_of_memory_while_sampling_is_one_line_and_writes_nothing(inputs, tmp
 
 
 def test_prepend_reference_pose_hand_built():
-    from svd_controlnext.animate import prepend_pose
+    from svd_animate.animate import prepend_pose
 
     driving = PoseSequence.stack([make_pose({0: (0.5, 0.3)}), make_pose({0: (0.6, 0.3)})], 64, 64, fps=5,
                                  frame_index=[4, 6])
@@ -159,7 +159,7 @@ def test_prepend_reference_pose_hand_built():
 
 
 def test_audio_span_hand_computed(tmp_path):
-    from svd_controlnext.animate import audio_for
+    from svd_animate.animate import audio_for
     from tests.helpers import square_frames, write_clip
 
     clip = write_clip(tmp_path / "a.mp4", square_frames(30), fps=10, tone_hz=440)
@@ -176,7 +176,7 @@ def test_audio_span_hand_computed(tmp_path):
 @pytest.fixture(scope="module")
 def clip_with_audio(tmp_path_factory):
     """Twelve frames of a real driving clip at 144x256 with a 440 Hz tone, 29 fps."""
-    from pose.video import iter_frames
+    from svd_common.video import iter_frames
     from tests.helpers import SHARED_DATA, write_clip
 
     source = SHARED_DATA / "driving_controlnext_v2_01.mp4"
@@ -252,7 +252,7 @@ class RecordingPipe:
     ("cpu", "model", ("to", "cpu")),  # nothing to offload to: the models stay in RAM
 ])
 def test_offload_modes(device, offload, expected):
-    from svd_controlnext.animate import place_pipeline
+    from svd_animate.animate import place_pipeline
 
     pipe = RecordingPipe()
     place_pipeline(pipe, device, offload)
@@ -264,8 +264,8 @@ def test_offload_modes(device, offload, expected):
 def test_decode_chunk_is_fixed_unless_memory_is_short(monkeypatch, caplog):
     """The same seed gives the same video: 8 frames whatever the free memory (20 or 200 GiB), fewer only when
     half of it cannot hold 8, with a warning (2 GiB: half of it at 0.26 GiB a 256x256 frame is 3)."""
-    from svd_controlnext import animate as animate_module
-    from svd_controlnext.animate import Animator
+    from svd_animate import animate as animate_module
+    from svd_animate.animate import Animator
 
     animator = Animator(AnimateConfig(width=256, height=256, dtype="fp32"), device="cpu")
     for free in (20 * 2**30, 200 * 2**30):
@@ -280,8 +280,8 @@ def test_decode_chunk_is_fixed_unless_memory_is_short(monkeypatch, caplog):
 
 
 def test_low_vram_chunks_the_unet_feed_forward():
-    from svd_controlnext.animate import load_pipeline
-    from svd_controlnext.config import TINY
+    from svd_animate.animate import load_pipeline
+    from svd_animate.config import TINY
 
     def chunk_sizes(config):
         pipe = load_pipeline(config, None, "cpu", torch.float32)
@@ -292,8 +292,8 @@ def test_low_vram_chunks_the_unet_feed_forward():
 
 
 def test_each_reference_is_detected_once_for_many_jobs(inputs, tmp_path, monkeypatch):
-    from svd_controlnext import animate as animate_module
-    from svd_controlnext.animate import Animator
+    from svd_animate import animate as animate_module
+    from svd_animate.animate import Animator
 
     calls = []
 
@@ -311,7 +311,7 @@ def test_each_reference_is_detected_once_for_many_jobs(inputs, tmp_path, monkeyp
 
 
 def test_seed_minus_one_draws_a_seed_and_prints_it(inputs, tmp_path, capsys, monkeypatch):
-    from svd_controlnext import animate as animate_module
+    from svd_animate import animate as animate_module
 
     monkeypatch.setattr(animate_module.secrets, "randbelow", lambda n: 1234)
     code, stdout, _ = run(capsys, "--ref", inputs["ref"], "--pose", inputs["poses"], "--preset", "tiny", "--steps",

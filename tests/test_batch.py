@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-import cli
-from pose.errors import InputError
+from svd_animate import cli
+from svd_common.errors import InputError
 from pose.skeleton import PoseSequence
-from svd_controlnext.batch import (Job, format_table, jobs_from_folders, jobs_from_manifest, job_overrides,
+from svd_animate.batch import (Job, format_table, jobs_from_folders, jobs_from_manifest, job_overrides,
                                    merge_reports, part_report, remove_leftovers, run_jobs, split_jobs, write_json)
 from tests.helpers import make_pose
 
@@ -280,8 +280,8 @@ def test_sigkill_then_rerun_finishes_the_rest(folders, tmp_path):
 
 def test_batch_from_python_without_the_command_line(folders, tmp_path):
     """The library takes a BatchOptions, not argparse's Namespace."""
-    from svd_controlnext.batch import BatchOptions, dry_run_listing
-    from svd_controlnext.config import load_preset
+    from svd_animate.batch import BatchOptions, dry_run_listing
+    from svd_animate.config import load_preset
 
     refs, poses = folders
     out = tmp_path / "out"

@@ -5,7 +5,7 @@ import av
 import numpy as np
 import pytest
 
-import cli
+from svd_animate import cli
 from pose.skeleton import PoseSequence
 from tests.helpers import square_frames, write_clip
 

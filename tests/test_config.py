@@ -5,10 +5,10 @@ import dataclasses
 
 import pytest
 
-import cli
-from pose.errors import InputError
-from svd_controlnext import batch
-from svd_controlnext.config import LOAD_KEYS, AnimateConfig, expand_shortcuts, load_preset, per_job_fields
+from svd_animate import cli
+from svd_common.errors import InputError
+from svd_animate import batch
+from svd_animate.config import LOAD_KEYS, AnimateConfig, expand_shortcuts, load_preset, per_job_fields
 
 
 @pytest.mark.parametrize("text, message", [

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pose.video import VideoWriter, probe_video
+from svd_common.video import VideoWriter, probe_video
 from svd_controlnext.decode import decode_to_writer, iter_decoded_frames
 from svd_controlnext.pipeline import ControlNeXtSVDPipeline
 from svd_controlnext.tiny import tiny_components

@@ -13,7 +13,7 @@ import pytest
 import pose.detect.dwpose as dwpose
 from pose.detect import load_detector
 from pose.detect.dwpose import DETECTOR_FILE, HUB_REPO, POSE_FILE, hub_reachable
-from pose.errors import InputError
+from svd_common.errors import InputError
 from tests.test_dwpose import weights_dir  # noqa: F401  (fixture: tiny graphs in place of the real files)
 
 

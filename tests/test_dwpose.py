@@ -5,7 +5,7 @@ from pose.detect import load_detector
 from pose.detect.base import choose_box
 from pose.detect.dwpose import (DETECTOR_FILE, POSE_FILE, DWPoseDetector, box_to_centre_scale, decode_simcc,
                                 find_weights, letterbox, nms, person_boxes, wholebody_to_openpose)
-from pose.errors import InputError
+from svd_common.errors import InputError
 from tests.helpers import build_pose_graph, build_yolox_graph, yolox_output
 
 

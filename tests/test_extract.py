@@ -5,7 +5,7 @@ import pytest
 
 from pose.cache import PoseCache, cache_key
 from pose.detect.base import PoseDetector
-from pose.errors import NoPersonError
+from svd_common.errors import NoPersonError
 from pose.extract import ExtractSettings, extract_video, fill_gaps
 from pose.skeleton import PoseSequence
 from tests.helpers import make_pose, square_frames, write_clip

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pose.errors import InputError
-from svd_controlnext.memory import FrameCost, check_frames_fit, frame_cost, max_frames_that_fit
+from svd_common.errors import InputError
+from svd_animate.memory import FrameCost, check_frames_fit, frame_cost, max_frames_that_fit
 
 
 def test_frame_cost_hand_computed():
@@ -29,7 +29,7 @@ def test_too_many_frames_refused_with_the_length_that_fits():
 
 
 def test_decode_chunk_sized_to_free_memory():
-    from svd_controlnext.memory import decode_chunk_for
+    from svd_animate.memory import decode_chunk_for
 
     # 576x1024 fp16: 2.33 GiB x 0.5 (half precision) = 1.165 GiB a frame; half of 20 GiB free / 1.165 = 8.6 -> 8.
     assert decode_chunk_for(20 * 2**30, 576, 1024, 2) == 8
@@ -42,7 +42,7 @@ def test_decode_chunk_sized_to_free_memory():
 def test_free_cuda_memory_counts_the_allocators_unused_cache(monkeypatch):
     """After sampling, the caching allocator keeps the activations' blocks: the driver calls them used,
     but the decoder's tensors can take them."""
-    from svd_controlnext import memory
+    from svd_animate import memory
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 2**30, 24 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 12 * 2**30)

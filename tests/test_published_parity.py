@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from svd_controlnext.animate import pipeline_arguments
-from svd_controlnext.config import load_preset, with_published_sampling
+from svd_animate.animate import pipeline_arguments
+from svd_animate.config import load_preset, with_published_sampling
 from svd_controlnext.decode import iter_decoded_frames
 from svd_controlnext.pipeline import ControlNeXtSVDPipeline
 from svd_controlnext.tiny import tiny_components

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from pose.detect.base import PoseDetector
-from pose.errors import InputError
+from svd_common.errors import InputError
 from pose.skeleton import PoseSequence
-from svd_controlnext.animate import AnimateConfig, driving_frames_cap, driving_poses, load_reference, output_fps
-from svd_controlnext.config import load_preset, with_published_sampling
-from svd_controlnext.framing import crop_reference, crop_reference_published, published_cover_size
+from svd_animate.animate import AnimateConfig, driving_frames_cap, driving_poses, load_reference, output_fps
+from svd_animate.config import load_preset, with_published_sampling
+from svd_animate.framing import crop_reference, crop_reference_published, published_cover_size
 from svd_controlnext.windows import fusion_weights, plan_windows
 from tests.helpers import make_pose, square_frames, write_clip
 
@@ -102,7 +102,7 @@ def test_alignment_fit_uses_the_whole_video_and_every_keypoint_when_published(tm
         a_x = a_y * (64 / 48) * (128 / 64)
         return [a_x, a_y], [np.mean(ref[..., 0][keep] - a_x * drv[..., 0][keep]), b_y]
 
-    from svd_controlnext.animate import Reference
+    from svd_animate.animate import Reference
 
     for published, frames in ((True, range(6)), (False, range(2))):
         config = AnimateConfig(width=64, height=128, stride=2, max_frames=3, prepend_reference_pose=True,
@@ -133,7 +133,7 @@ def test_explicit_choices_survive_published_sampling():
 
 
 def test_published_sampling_from_cli_flags():
-    import cli
+    from svd_animate import cli
 
     parser = cli.build_parser()
     args = parser.parse_args(["animate", "--ref", "r.png", "--pose", "p.mp4", "--published-sampling"])
@@ -169,7 +169,7 @@ def test_preset_loads_base_plus_unet_bin_plus_control_weights(tmp_path, caplog):
     base's VAE and CLIP, and the control encoder."""
     from diffusers import StableVideoDiffusionPipeline
 
-    from svd_controlnext.animate import load_pipeline
+    from svd_animate.animate import load_pipeline
     from svd_controlnext.tiny import tiny_components
 
     base = tiny_components(0)
@@ -192,7 +192,7 @@ def test_preset_loads_base_plus_unet_bin_plus_control_weights(tmp_path, caplog):
 
 def test_a_gated_base_model_is_one_line(tmp_path, monkeypatch):
     from svd_controlnext import weights
-    from svd_controlnext.animate import load_pipeline
+    from svd_animate.animate import load_pipeline
     from svd_controlnext.pipeline import ControlNeXtSVDPipeline
     from svd_controlnext.tiny import tiny_pose_encoder, tiny_unet
     from tests.test_weights_hub import hub_error
@@ -215,7 +215,7 @@ def test_npz_poses_and_align_none_follow_the_published_framing():
     """Poses in the reference's original frame go through the framing the image went through: 1000x1500 onto
     576x1024 has h/w = 1.5 < 1.78, so 1024 rows and ceil(1024 / 1.5) = 683 columns; the published crop starts
     at column int(round(107 / 2)) = 54 (ours: scale 0.6827, 683 columns, (683 - 576) // 2 = 53)."""
-    from svd_controlnext.framing import crop_poses
+    from svd_animate.framing import crop_poses
 
     seq = PoseSequence.stack([make_pose({0: (0.5, 0.5), 1: (0.0, 0.25)})], 1000, 1500, fps=10)
     published = crop_poses(seq, 576, 1024, published=True)
@@ -235,7 +235,7 @@ def test_published_reference_ignores_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 CW to display
     Image.fromarray(np.full((20, 40, 3), 90, np.uint8)).save(path, exif=exif)
-    from pose.video import read_image
+    from svd_common.video import read_image
 
     assert read_image(path).shape[:2] == (40, 20)
     assert read_image(path, orientation=False).shape[:2] == (20, 40)

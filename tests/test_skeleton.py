@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from pose.errors import InputError
+from svd_common.errors import InputError
 from pose.skeleton import PoseSequence
 
 

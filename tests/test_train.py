@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import cli
-from pose.errors import InputError
-from svd_controlnext.train import trainer as trainer_module
-from svd_controlnext.train.config import TrainConfig, load_train_config
-from svd_controlnext.train.data import PoseVideoDataset, read_clips
-from svd_controlnext.train.trainer import train, training_loss
+from svd_animate import cli
+from svd_common.errors import InputError
+from svd_animate.train import trainer as trainer_module
+from svd_animate.train.config import TrainConfig, load_train_config
+from svd_animate.train.data import PoseVideoDataset, read_clips
+from svd_animate.train.trainer import train, training_loss
 from tests.helpers import make_training_dataset, square_frames, write_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def write_published_dataset(folder: Path, frames: int = 6) -> Path:
 
 
 def test_published_layout_pose_colours_and_hand_weights(tmp_path):
-    from svd_controlnext.train.objective import latent_weights
+    from svd_animate.train.objective import latent_weights
 
     data = PoseVideoDataset(write_published_dataset(tmp_path), num_frames=3, interval=2, width=64, height=64,
                             hand_loss_weight=4.2)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from svd_controlnext.train.data import (clip_span, crop_box, hand_weight_map, pose_hand_boxes,
+from svd_animate.train.data import (clip_span, crop_box, hand_weight_map, pose_hand_boxes,
                                         published_hand_boxes)
-from svd_controlnext.train.objective import (SigmaDistribution, conditioning_dropout, denoised, edm_loss,
+from svd_animate.train.objective import (SigmaDistribution, conditioning_dropout, denoised, edm_loss,
                                              latent_weights, loss_weight, sample_sigmas, sigmas_from_uniform,
                                              stratified_uniform, unet_inputs)
 from tests.helpers import make_pose

@@ -5,8 +5,8 @@ import av
 import numpy as np
 import pytest
 
-from pose.errors import InputError
-from pose.video import VideoWriter, check_writable, iter_frames, probe_video, read_image
+from svd_common.errors import InputError
+from svd_common.video import VideoWriter, check_writable, iter_frames, probe_video, read_image
 from tests.helpers import square_frames, write_clip
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import cli
-from pose.errors import InputError
+from svd_animate import cli
+from svd_common.errors import InputError
 from svd_controlnext.encoder import PoseEncoder
 from svd_controlnext.weights import convert, load_pose_encoder, load_state_dict_file
 

@@ -7,7 +7,7 @@ import pytest
 from huggingface_hub import errors as hub
 from huggingface_hub.utils import hf_raise_for_status
 
-from pose.errors import InputError
+from svd_common.errors import InputError
 from svd_controlnext.weights import BASE_MODEL, UNET_FILE, hub_error_message, load_unet, resolve_file
 
 # the HTTP client huggingface_hub answers with (httpx2 in huggingface_hub 2.x)
@@ -101,12 +101,12 @@ def test_an_unreachable_hub_fails_at_once_without_hf_hub_offline(monkeypatch):
     so there are none of huggingface_hub's minutes of retries, and the line says the hub cannot be reached."""
     import huggingface_hub.file_download as download
 
-    import pose.hub
+    import svd_common.hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(pose.hub, "_reachable", {})
+    monkeypatch.setattr(svd_common.hub, "_reachable", {})
     probes = []
-    monkeypatch.setattr(pose.hub, "hub_reachable", lambda url: probes.append(url) or False)
+    monkeypatch.setattr(svd_common.hub, "hub_reachable", lambda url: probes.append(url) or False)
     monkeypatch.setattr(download, "get_hf_file_metadata", lambda *a, **k: pytest.fail("network"))
     for _ in range(2):
         with pytest.raises(InputError) as info:

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pose.errors import InputError
+from svd_common.errors import InputError
 from svd_controlnext.encoder import PoseEncoder
 from svd_controlnext.tiny import tiny_unet
-from svd_controlnext.weights import (convert, default_weights_cache, load_unet, source_key,
+from svd_common.cache_dirs import weights_cache_dir
+from svd_controlnext.weights import (convert, load_unet, source_key,
                                      write_safetensors)
 from tests.test_weights import Payload
 
@@ -133,12 +134,12 @@ def test_fp16_lands_in_fp16(tiny_base, tmp_path):
 
 def test_default_cache_follows_the_pose_cache_root(tiny_base, tmp_path, monkeypatch):
     folder = tiny_base[0]
-    assert default_weights_cache() == tmp_path / "pose-cache" / "weights"  # conftest sets SVD_ANIMATE_CACHE
+    assert weights_cache_dir() == tmp_path / "pose-cache" / "weights"  # conftest sets SVD_ANIMATE_CACHE
     load_unet(str(folder), folder / "unet.bin")
     assert len(list((tmp_path / "pose-cache" / "weights").glob("unet-float32-*.safetensors"))) == 1
     monkeypatch.delenv("SVD_ANIMATE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert default_weights_cache() == tmp_path / "xdg" / "svd-animate" / "weights"
+    assert weights_cache_dir() == tmp_path / "xdg" / "svd-animate" / "weights"
 
 
 def test_an_unwritable_cache_still_loads(tiny_base, tmp_path, caplog):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from ..errors import InputError
+from svd_common.errors import InputError
 from .base import PoseDetector
 
 logger = logging.getLogger(__name__)

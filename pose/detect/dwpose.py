@@ -20,8 +20,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..errors import InputError
-from ..hub import hub_endpoint, hub_offline, hub_reachable
+from svd_common.errors import InputError
+from svd_common.hub import hub_endpoint, hub_offline, hub_reachable
 from .base import PoseDetector, choose_box, empty_pose
 
 logger = logging.getLogger(__name__)

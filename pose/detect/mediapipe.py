@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from ..errors import InputError
+from svd_common.errors import InputError
 from .base import PoseDetector, empty_pose
 
 # OpenPose-18 index <- MediaPipe pose-33 index (None: neck, the mean of the shoulders 11 and 12).

@@ -24,14 +24,14 @@ from pose.align import VISIBLE
 from pose.cache import PoseCache
 from pose.detect import load_detector
 from pose.detect.base import PoseDetector
-from pose.errors import InputError
+from svd_common.errors import InputError
 from pose.extract import ExtractSettings, detect_reference, expected_count, extract_aligned
 from pose.render import render_sequence
 from pose.skeleton import PoseSequence
-from pose.video import AudioClip, VideoWriter, check_writable, has_audio, is_image_path, probe_video, read_image
+from svd_common.video import AudioClip, VideoWriter, check_writable, has_audio, is_image_path, probe_video, read_image
 
 from .config import LOAD_KEYS, OFFLOAD_MODES, TINY, AnimateConfig
-from .decode import iter_decoded_frames
+from svd_controlnext.decode import iter_decoded_frames
 from .framing import crop_poses, crop_reference, crop_reference_published
 from .memory import DEFAULT_DECODE_CHUNK, check_frames_fit, decode_chunk_for, free_memory
 
@@ -58,10 +58,10 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 def load_pipeline(config: AnimateConfig, weights: Path | None, device: str, dtype: torch.dtype):
     """The pipeline for a preset: tiny random components, or the base model plus control weights."""
-    from .pipeline import ControlNeXtSVDPipeline
+    from svd_controlnext.pipeline import ControlNeXtSVDPipeline
 
     if config.base_model == TINY:
-        from .tiny import tiny_components
+        from svd_controlnext.tiny import tiny_components
 
         components = tiny_components(config.seed)
         if weights is not None:  # e.g. a tiny training run's RUN/final
@@ -85,10 +85,10 @@ def load_published_pipeline(config: AnimateConfig, weights: Path | None, dtype: 
     """Base model + fine-tuned UNet + control encoder, as `run_controlnext.py` assembles them: the base's
     pretrained UNet with `unet.bin` loaded over it (`strict=False`), the encoder from `controlnet.bin`.
     `--weights DIR` (from `convert` or training) replaces both with its pose_encoder/ and unet/."""
-    from .pipeline import ControlNeXtSVDPipeline
-    from pose.hub import hub_local_only
+    from svd_controlnext.pipeline import ControlNeXtSVDPipeline
+    from svd_common.hub import hub_local_only
 
-    from .weights import hub_error_message, load_pose_encoder, load_unet
+    from svd_controlnext.weights import hub_error_message, load_pose_encoder, load_unet
 
     control = weights or config.control_weights
     if control is None:
@@ -109,7 +109,7 @@ def load_published_pipeline(config: AnimateConfig, weights: Path | None, dtype: 
 
 def trained_components(folder: Path) -> dict:
     """pose_encoder (and unet, when there is one) from a folder written by `convert` or `train`."""
-    from .weights import load_pose_encoder
+    from svd_controlnext.weights import load_pose_encoder
 
     if not (folder / "pose_encoder").is_dir():
         raise InputError(f"{folder}: no pose_encoder/ in it (expected a folder from `svd-animate convert` or train)")

@@ -14,5 +14,5 @@ def launch_processes(num_processes: int, argv: list[str]) -> int:
     threads = max(1, (os.cpu_count() or 1) // num_processes)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
-               "-m", "svd_controlnext", *argv]
+               "-m", "svd_animate", *argv]
     return subprocess.run(command, env=env).returncode

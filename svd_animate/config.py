@@ -18,11 +18,20 @@ import yaml
 
 from pose.align import ALIGN_METHODS
 from pose.detect import DETECTORS
-from pose.errors import InputError
+from svd_common.errors import InputError
 
-from .windows import FUSION_MODES
+from svd_controlnext.windows import FUSION_MODES
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _presets_dir() -> Path:
+    """The presets: `svd_animate/configs/` in an installed wheel (setup.cfg maps the repository's `configs/`
+    there), the repository's `configs/` in a checkout."""
+    installed = Path(__file__).resolve().parent / "configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "configs"
+
+
+CONFIG_DIR = _presets_dir()
 TINY = "tiny"
 OFFLOAD_MODES = ("none", "model", "sequential")
 DTYPES = ("auto", "fp32", "fp16", "bf16")

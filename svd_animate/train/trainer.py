@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pose.errors import InputError
+from svd_common.errors import InputError
 
-from ..encoder import PoseEncoder
-from ..injection import ControlInjector
-from ..weights import load_unet
+from svd_controlnext.encoder import PoseEncoder
+from svd_controlnext.injection import ControlInjector
+from svd_controlnext.weights import load_unet
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import PoseVideoDataset
 from .objective import conditioning_dropout, edm_loss, latent_weights, sample_sigmas, unet_inputs
@@ -48,7 +48,7 @@ STATE_FILE = "trainer.json"
 def load_models(config: TrainConfig) -> dict:
     """vae, image_encoder, unet, pose_encoder, scheduler, feature_extractor."""
     if config.base_model == "tiny":
-        from ..tiny import tiny_components, tiny_pose_encoder
+        from svd_controlnext.tiny import tiny_components, tiny_pose_encoder
 
         models = tiny_components(config.seed)
         models["unet"] = _tiny_unet(config, models["unet"])
@@ -92,7 +92,7 @@ def _tiny_unet(config: TrainConfig, unet):
 
 
 def _load_encoder(config: TrainConfig) -> PoseEncoder:
-    from ..weights import load_pose_encoder
+    from svd_controlnext.weights import load_pose_encoder
 
     encoder = load_pose_encoder(config.pose_encoder)
     if config.temporal_layers and not encoder.config.temporal_layers:
@@ -418,10 +418,10 @@ def write_validation(run: Path, step: int, models: dict, encoder, unet, dataset:
     the dataset's first sample at epoch 0."""
     from PIL import Image
 
-    from pose.video import VideoWriter
+    from svd_common.video import VideoWriter
 
-    from ..decode import iter_decoded_frames
-    from ..pipeline import ControlNeXtSVDPipeline
+    from svd_controlnext.decode import iter_decoded_frames
+    from svd_controlnext.pipeline import ControlNeXtSVDPipeline
 
     reference, poses = validation_inputs(dataset, config)
     pipe = ControlNeXtSVDPipeline(vae=models["vae"], image_encoder=models["image_encoder"], unet=unet,
@@ -450,7 +450,7 @@ def validation_inputs(dataset: PoseVideoDataset, config: TrainConfig) -> tuple[n
     """(reference RGB uint8 (H, W, 3), pose frames uint8 (F, H, W, 3))."""
     if config.validation_reference and config.validation_poses:
         from pose.skeleton import PoseSequence
-        from pose.video import read_image
+        from svd_common.video import read_image
 
         from ..animate import crop_poses, crop_reference, render_frames
 

@@ -14,7 +14,7 @@ import dataclasses
 import psutil
 import torch
 
-from pose.errors import InputError
+from svd_common.errors import InputError
 
 SHARE_FOR_FRAMES = 0.5  # the rest is left to the models and one window's activations
 LATENT_COPIES = 3  # latents, fused latents, and the window slice being stepped

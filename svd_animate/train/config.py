@@ -8,7 +8,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pose.errors import InputError
+from svd_common.errors import InputError
 
 from ..config import CONFIG_DIR, config_from_mapping, read_yaml
 from .objective import SigmaDistribution

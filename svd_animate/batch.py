@@ -24,10 +24,10 @@ from typing import Callable
 import yaml
 from tqdm import tqdm
 
-from pose.atomic import write_json
-from pose.errors import InputError
+from svd_common.atomic import write_json
+from svd_common.errors import InputError
 from pose.skeleton import PoseSequence
-from pose.video import IMAGE_SUFFIXES, probe_video, read_image
+from svd_common.video import IMAGE_SUFFIXES, probe_video, read_image
 
 from .config import AnimateConfig, expand_shortcuts, parse_value, per_job_fields
 
@@ -319,7 +319,7 @@ def format_table(records: list[dict]) -> str:
 
 def prepare_outdir(outdir: Path) -> Path:
     """Create OUTDIR if needed and prove it writable before any work."""
-    from pose.video import check_writable
+    from svd_common.video import check_writable
 
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():

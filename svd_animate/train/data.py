@@ -33,11 +33,11 @@ import torch
 from tqdm import tqdm
 
 from pose.align import apply_linear
-from pose.atomic import write_json
-from pose.errors import InputError
+from svd_common.atomic import write_json
+from svd_common.errors import InputError
 from pose.render import draw_pose
 from pose.skeleton import PoseSequence
-from pose.video import iter_frames, probe_video
+from svd_common.video import iter_frames, probe_video
 
 logger = logging.getLogger(__name__)
 

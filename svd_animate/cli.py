@@ -1,0 +1,438 @@
+"""The `svd-animate` command.
+
+Sub-commands: `animate` (the default: `svd-animate --ref img.png --pose dance.mp4`), `batch` (many
+references x many clips), `pose` (driving video -> aligned skeletons), `prepare-data` and `train`
+(fine-tuning), `convert` (published checkpoints -> diffusers-style folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from svd_common.errors import InputError
+
+logger = logging.getLogger("svd_animate")
+
+PROG = "svd-animate"
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def add_pose_source_options(p, align_default: str | None) -> None:
+    """Options shared by every command that extracts poses: backend, alignment (unless
+    `align_default` is None), cache."""
+    from pose.align import ALIGN_METHODS
+    from pose.detect import DETECTORS
+
+    p.add_argument("--detector", choices=DETECTORS,
+                   help="pose backend (default: auto = DWPose, fetched once from the hub yzd-v/DWPose (~350 MB) when "
+                        "not found locally; MediaPipe, with a warning, when offline or HF_HUB_OFFLINE=1. dwpose: an "
+                        "error instead of falling back; mediapipe: never uses the network)")
+    p.add_argument("--dwpose-dir", type=Path, help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx")
+    if align_default is not None:
+        p.add_argument("--align", choices=[*ALIGN_METHODS, "none"],
+                       help="ls: the published least-squares fit; bones: ls plus the reference's limb lengths; "
+                            f"none: keep the driving positions (default: {align_default})")
+    p.add_argument("--cache-dir", type=Path, help="pose cache folder (default: $SVD_ANIMATE_CACHE or "
+                                                  "~/.cache/svd-animate/poses)")
+    p.add_argument("--no-cache", action="store_true", help="extract again even when the cache has these poses")
+
+
+def add_pose_parser(subparsers) -> None:
+    from pose.extract import FILL_MODES, ExtractSettings
+
+    defaults = ExtractSettings()
+
+    p = subparsers.add_parser(
+        "pose", help="extract (and align) the driving skeletons of a video",
+        description="Extract the driving person's whole-body pose from every kept frame of a video, "
+                    "optionally retarget it to the person in a reference image, and save a PoseSequence "
+                    ".npz (input of `svd-animate --pose`). Poses are cached by the video's content.",
+    )
+    p.add_argument("--video", required=True, type=Path, help="driving video (mp4, mov, webm, ...)")
+    p.add_argument("--ref", type=Path, help="reference image to align the poses to")
+    add_pose_source_options(p, align_default="ls with --ref, none without")
+    p.add_argument("--stride", type=_positive_int, default=defaults.stride,
+                   help=f"keep every N-th frame (default {defaults.stride})")
+    p.add_argument("--max-frames", type=_positive_int, default=defaults.max_frames, help="stop after N kept frames")
+    p.add_argument("--start", type=_seconds, default=defaults.start, help="start time in seconds")
+    p.add_argument("--end", type=_seconds, default=defaults.end, help="end time in seconds")
+    p.add_argument("--fill", choices=FILL_MODES, default=defaults.fill,
+                   help=f"frames with nobody found: interpolate between neighbours or hold the last pose "
+                        f"(default {defaults.fill})")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output .npz")
+    p.add_argument("--preview", type=Path, help="also write a preview video: source | skeleton (| on the reference)")
+    p.set_defaults(run=run_pose)
+
+
+def run_pose(args) -> int:
+    from pose.cache import PoseCache
+    from pose.detect import load_detector
+    from pose.extract import ExtractSettings, detect_reference, extract_aligned
+    from pose.preview import write_preview
+    from svd_common.video import check_writable, is_image_path, probe_video, read_image
+
+    if is_image_path(args.video):
+        raise InputError(f"{args.video}: is an image; --video takes a driving video")
+    method = args.align or ("ls" if args.ref else "none")
+    if method != "none" and args.ref is None:
+        raise InputError(f"--align {method} needs --ref (the image to align to)")
+    if args.end is not None and args.end <= args.start:
+        raise InputError(f"--end ({args.end}s) must come after --start ({args.start}s)")
+    check_writable(args.output)
+    if args.preview:
+        check_writable(args.preview)
+    if args.ref is not None and not args.ref.is_file():
+        raise InputError(f"{args.ref}: no such file")
+    probe_video(args.video)  # a bad video fails here, before any model loads
+
+    settings = ExtractSettings(args.stride, args.max_frames, args.start, args.end, args.fill)
+    cache = None if args.no_cache else PoseCache(args.cache_dir)
+    with load_detector(args.detector or "auto", dwpose_dir=args.dwpose_dir) as detector:
+        reference, reference_image = None, None
+        if args.ref is not None and method != "none":
+            reference, reference_image = detect_reference(args.ref, detector)
+        elif args.ref is not None:
+            reference_image = read_image(args.ref)
+        size = (reference_image.shape[1], reference_image.shape[0]) if reference_image is not None else None
+        result = extract_aligned(args.video, detector, settings, cache, reference, method, size,
+                                 progress=not args.quiet)
+    poses = result.poses
+    poses.meta = {**poses.meta, "reference": args.ref.name if args.ref else None, "align": poses.meta.get(
+        "align", {"method": method})}
+    poses.save(args.output)
+    if args.preview:
+        write_preview(args.preview, args.video, poses, settings, reference_image, progress=not args.quiet)
+
+    source = "cache" if result.from_cache else poses.meta.get("detector")
+    filled = f", {poses.num_filled} filled (no person found)" if poses.num_filled else ""
+    print(f"{args.output}: {len(poses)} frames at {poses.fps:g} fps from {source}{filled}, align {method}")
+    if args.preview:
+        print(f"{args.preview}: preview")
+    return 0
+
+
+def add_config_flags(p) -> None:
+    """One flag per `AnimateConfig` field that has one: type, allowed values and help come from the field
+    (svd_animate/config.py); values are checked when the config is made, before anything loads."""
+    import dataclasses
+
+    from svd_animate.config import AnimateConfig, allowed_values, field_types
+
+    types = field_types(AnimateConfig)
+    for field in dataclasses.fields(AnimateConfig):
+        flag = field.metadata.get("flag", "")
+        if flag is None:
+            continue
+        flag = flag or "--" + field.name.replace("_", "-")
+        kind = types[field.name]
+        if kind is bool:
+            action = "store_false" if flag.startswith("--no-") else "store_true"
+            p.add_argument(flag, dest=field.name, action=action, default=None, help=field.metadata["help"])
+        elif allowed_values(kind) is not None:
+            p.add_argument(flag, dest=field.name, choices=allowed_values(kind), help=field.metadata["help"])
+        else:
+            base = next((t for t in (int, float, str) if t == kind or t in getattr(kind, "__args__", ())), str)
+            p.add_argument(flag, dest=field.name, type=base, help=field.metadata["help"])
+
+
+def add_generation_options(p) -> None:
+    """The options of a generation run, shared by `animate` and `batch` (preset values are defaults)."""
+    p.add_argument("--preset", default="controlnext-svd-v2",
+                   help="controlnext-svd-v2 (default), tiny (random weights, runs anywhere), or a YAML file")
+    p.add_argument("--weights", type=Path, help="folder from `svd-animate convert` or training (pose_encoder/, unet/)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance (min and max)")
+    p.add_argument("--published-sampling", action="store_true",
+                   help="the published ControlNeXt-SVD-v2 path: its sampler exactly (reference pose as frame 0 and at "
+                        "position 0 of every window, plain window mean), its reference framing and alignment fit, "
+                        "DWPose, fp32, decode chunks of 2, at most 240 frames, fps floored, no audio (flags given "
+                        "explicitly still win; README: differences)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--side-by-side", action="store_true", help="write skeleton | result")
+    add_config_flags(p)
+    add_pose_source_options(p, align_default="the preset's, ls")
+
+
+def config_from_args(args):
+    """The preset, then --published-sampling, then every flag given (None: not given)."""
+    import dataclasses
+
+    from svd_animate.config import AnimateConfig, expand_shortcuts, load_preset, with_published_sampling
+
+    flags = {field.name: getattr(args, field.name, None) for field in dataclasses.fields(AnimateConfig)}
+    flags = expand_shortcuts({**flags, "guidance": args.guidance})
+    config = load_preset(args.preset)
+    if args.published_sampling:
+        explicit = [key for key, value in flags.items() if value is not None]
+        if args.low_vram:  # its one-frame decode chunks win over the published 2, as an explicit --decode-chunk would
+            explicit.append("decode_chunk_size")
+        config = with_published_sampling(config, explicit)
+    return config.replace(**flags)
+
+
+def random_weights_label(config) -> str:
+    from svd_animate.config import TINY
+
+    return " (tiny preset: RANDOM WEIGHTS, the pixels are noise, not an animation)" if config.base_model == TINY else ""
+
+
+def add_animate_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "animate", help="animate a reference image with a driving video (the default command)",
+        description="Animate the character in --ref with the motion of --pose (a driving video or a poses .npz "
+                    "from `svd-animate pose`). Preset values are defaults; flags override them.",
+    )
+    p.add_argument("--ref", required=True, type=Path, help="reference image of the character")
+    p.add_argument("--pose", required=True, type=Path, help="driving video, or a PoseSequence .npz")
+    p.add_argument("-o", "--output", type=Path, help="output .mp4 (default: <pose>_<ref>.mp4 here)")
+    add_generation_options(p)
+    p.set_defaults(run=run_animate)
+
+
+def run_animate(args) -> int:
+    import torch
+
+    from pose.cache import PoseCache
+    from svd_animate.animate import animate
+
+    config = config_from_args(args)
+    output = args.output or Path(f"{args.pose.stem}_{args.ref.stem}.mp4")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = None if args.no_cache else PoseCache(args.cache_dir)
+    result = animate(args.ref, args.pose, output, config, weights=args.weights, device=device,
+                     side_by_side=args.side_by_side, cache=cache, dwpose_dir=args.dwpose_dir,
+                     progress=not args.quiet)
+    audio = ", with the driving clip's audio" if result.audio else ""
+    seed = f", seed {result.seed}" if config.seed < 0 else ""
+    print(f"{result.output}: {result.frames} frames at {result.fps:g} fps{audio}{seed}{random_weights_label(config)}")
+    return 0
+
+
+def add_batch_parser(subparsers) -> None:
+    from svd_animate.batch import PAIRINGS
+
+    p = subparsers.add_parser(
+        "batch", help="animate many references with many driving clips (resumable, multi-process)",
+        description="Run many animations with the models loaded once per process. Jobs come from --refs and "
+                    "--poses folders or from a --jobs manifest (CSV or YAML: ref, pose, and optional output, "
+                    "seed, steps, width, height, stride, max_frames, guidance, control_scale, ...). Outputs that "
+                    "already exist are skipped; a failed job is recorded and the batch goes on; OUTDIR/report.json "
+                    "lists every job. Exit status 0 when every job is done or skipped, 1 otherwise.",
+    )
+    p.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if missing)")
+    p.add_argument("--refs", type=Path, help="folder of reference images")
+    p.add_argument("--poses", type=Path, help="folder of driving videos and/or poses .npz")
+    p.add_argument("--pairing", choices=PAIRINGS, default="all",
+                   help="all: every reference with every clip (default); name: files with the same stem")
+    p.add_argument("--jobs", type=Path, help="manifest (.csv, .yaml) instead of --refs/--poses")
+    p.add_argument("--overwrite", action="store_true", help="redo jobs whose output exists")
+    p.add_argument("--dry-run", action="store_true", help="list the jobs, what is cached and what would be skipped")
+    p.add_argument("--num-processes", type=_positive_int, default=1,
+                   help="split the jobs over N processes (one per GPU when there are GPUs); or use "
+                        "`accelerate launch --multi_gpu --num_processes N -m svd_controlnext batch ...`")
+    add_generation_options(p)
+    p.set_defaults(run=run_batch)
+
+
+def run_batch(args) -> int:
+    import os
+
+    from svd_animate import batch
+
+    if (args.jobs is None) == (args.refs is None and args.poses is None):
+        raise InputError("give either --jobs FILE or --refs DIR and --poses DIR")
+    if args.jobs is None and (args.refs is None or args.poses is None):
+        raise InputError("--refs and --poses go together")
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ and not args.dry_run:
+        from svd_animate.launch import launch_processes
+
+        return launch_processes(args.num_processes, sys.argv[1:] if args.argv is None else args.argv)
+    config = config_from_args(args)
+    outdir = args.output
+    if args.jobs is not None:
+        jobs = batch.jobs_from_manifest(args.jobs, outdir, config)
+    else:
+        jobs = batch.jobs_from_folders(args.refs, args.poses, outdir, args.pairing)
+    if not args.dry_run:  # a dry run writes nothing, not even the folder
+        batch.prepare_outdir(outdir)
+    unreadable = batch.unreadable_inputs(jobs)
+    for path, reason in unreadable.items():
+        logger.warning("%s (its jobs will be recorded as failed)", reason)
+    options = batch.BatchOptions(outdir, args.weights, args.device, args.cache_dir, not args.no_cache,
+                                 args.dwpose_dir, args.overwrite, args.side_by_side, progress=not args.quiet)
+    if args.dry_run:
+        print(batch.dry_run_listing(jobs, config, options, unreadable))
+        return 0
+    return batch.run_batch_process(jobs, config, options, unreadable, label=random_weights_label(config))
+
+
+def add_prepare_data_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prepare-data", help="extract the poses of a folder of dance clips for training",
+        description="Extract every clip's poses once (through the pose cache) into DATASET/poses/*.npz and write "
+                    "DATASET/dataset.json, the input of `svd-animate train --data DATASET`. Nothing is rendered: "
+                    "skeletons are drawn on the fly at the training size. Clips that fail are listed and skipped.",
+    )
+    p.add_argument("--videos", required=True, type=Path, help="folder of training videos")
+    p.add_argument("-o", "--output", required=True, type=Path, help="dataset folder")
+    p.add_argument("--max-frames", type=_positive_int, help="keep at most N frames of each clip")
+    add_pose_source_options(p, align_default=None)
+    p.set_defaults(run=run_prepare_data)
+
+
+def run_prepare_data(args) -> int:
+    from pose.cache import PoseCache
+    from pose.detect import load_detector
+    from svd_animate.train.data import prepare_dataset
+
+    cache = None if args.no_cache else PoseCache(args.cache_dir)
+    with load_detector(args.detector or "auto", dwpose_dir=args.dwpose_dir) as detector:
+        manifest = prepare_dataset(args.videos, args.output, detector, cache, args.max_frames,
+                                   progress=not args.quiet)
+    for skipped in manifest["skipped"]:
+        print(f"skipped: {skipped['reason']}")
+    frames = sum(clip["frames"] for clip in manifest["clips"])
+    print(f"{args.output}: {len(manifest['clips'])} clips, {frames} frames with poses, "
+          f"{len(manifest['skipped'])} skipped")
+    return 0
+
+
+def add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="fine-tune the pose encoder (and optionally the UNet) with accelerate",
+        description="Train from a YAML config (configs/train/: tiny, controlnext-svd-v2; or your own file with the "
+                    "keys of svd_animate/train/config.py; unknown keys refused). Checkpoints go to "
+                    "RUN/checkpoints/, validation videos to RUN/validation/, TensorBoard logs to RUN/logs/, and the "
+                    "trained weights to RUN/final/ (use with `svd-animate --weights RUN/final`).",
+    )
+    p.add_argument("--config", default="controlnext-svd-v2", help="training config name or YAML file")
+    p.add_argument("--data", type=Path, help="dataset folder (prepare-data's, or the published meta_info.json layout)")
+    p.add_argument("--output-dir", type=Path, help="run folder")
+    p.add_argument("--max-steps", type=_positive_int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--trainable", help="encoder (default: fits one GPU), encoder+unet-subset, encoder+unet (what the "
+                                       "published v2 run trained: 8 GPUs, DeepSpeed ZeRO-2) or lora")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", help="`latest` (the newest checkpoint in the run folder) or a checkpoint folder")
+    p.add_argument("--num-processes", type=_positive_int, default=1,
+                   help="data-parallel over N processes (one per GPU; gloo on CPU); or use `accelerate launch "
+                        "--multi_gpu --num_processes N -m svd_controlnext train ...`")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args) -> int:
+    import os
+
+    from svd_animate.train.config import load_train_config
+
+    config = load_train_config(args.config).replace(
+        data=str(args.data) if args.data else None, output_dir=str(args.output_dir) if args.output_dir else None,
+        max_steps=args.max_steps, learning_rate=args.learning_rate, trainable=args.trainable,
+        mixed_precision=args.mixed_precision, seed=args.seed).check()
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        from svd_animate.launch import launch_processes
+
+        return launch_processes(args.num_processes, sys.argv[1:] if args.argv is None else args.argv)
+    from svd_animate.train.trainer import train
+
+    result = train(config, resume=args.resume, progress=not args.quiet)
+    if result.export_dir is not None:
+        last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+        print(f"{result.export_dir}: trained weights after {result.steps} steps{last}")
+    return 0
+
+
+def add_convert_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert published ControlNeXt-SVD-v2 checkpoints to a diffusers-style folder",
+        description="Read the published controlnet.bin (and optionally unet.bin) safely (safetensors, or "
+                    "torch.load with weights_only) and write DIR/pose_encoder/ (and DIR/unet/) as safetensors.",
+    )
+    p.add_argument("--controlnet", required=True, help="controlnet.bin, a folder holding it, or a hub repo id")
+    p.add_argument("--unet", help="unet.bin (full UNet state dict), a folder holding it, or a hub repo id")
+    p.add_argument("--base", default=None, help="SVD base model (hub id or local folder) giving the UNet config "
+                                                "(default stabilityai/stable-video-diffusion-img2vid-xt-1-1)")
+    p.add_argument("--embedding-padding", type=int, choices=(0, 1), default=0,
+                   help="0: the published inference encoder (default); 1: the training code's variant")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args) -> int:
+    from svd_controlnext.weights import BASE_MODEL, convert
+
+    out = convert(args.controlnet, args.output, unet=args.unet, base=args.base or BASE_MODEL,
+                  embedding_padding=args.embedding_padding)
+    parts = "pose_encoder/" + (" and unet/" if args.unet else "")
+    print(f"{out}: wrote {parts} (safetensors)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Pose-driven character animation on Stable Video "
+                                                            "Diffusion (ControlNeXt).")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_animate_parser(subparsers)
+    add_batch_parser(subparsers)
+    add_pose_parser(subparsers)
+    add_prepare_data_parser(subparsers)
+    add_train_parser(subparsers)
+    add_convert_parser(subparsers)
+    for sub in subparsers.choices.values():
+        sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.set_defaults(commands=tuple(subparsers.choices))
+    return parser
+
+
+def with_default_command(argv: list[str], commands) -> list[str]:
+    """`svd-animate --ref a.png --pose b.mp4` means `svd-animate animate ...`."""
+    for index, arg in enumerate(argv):
+        if arg in ("-q", "--quiet", "-v", "--verbose"):
+            continue
+        if arg not in commands and arg not in ("-h", "--help"):
+            return [*argv[:index], "animate", *argv[index:]]
+        break
+    return argv
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    commands = parser.get_default("commands")
+    args = parser.parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv), commands))
+    args.argv = argv
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(max(level, logging.WARNING))  # its per-file INFO lines drown ours
+    warnings.filterwarnings("ignore", module="google.protobuf")
+    try:
+        return args.run(args)
+    except InputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
