@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from svd_common.errors import NoPersonError
+from svd_common.errors import InvalidValue, NoPersonError
 from .skeleton import PoseSequence
 
 VISIBLE = 0.3
@@ -167,5 +167,5 @@ def align(driving: PoseSequence, ref: PoseSequence, method: str = "ls",
     if method == "none":
         return driving
     if method not in ALIGN_METHODS:
-        raise ValueError(f"unknown alignment {method!r}; choose ls, bones or none")
+        raise InvalidValue(f"unknown alignment {method!r}; choose ls, bones or none")
     return ALIGN_METHODS[method](driving, ref, fit_threshold)

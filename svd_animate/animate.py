@@ -24,7 +24,7 @@ from pose.align import VISIBLE
 from pose.cache import PoseCache
 from pose.detect import load_detector
 from pose.detect.base import PoseDetector
-from svd_common.errors import InputError
+from svd_common.errors import InputError, UserError, WeightsError
 from pose.extract import ExtractSettings, detect_reference, expected_count, extract_aligned
 from pose.render import render_sequence
 from pose.skeleton import PoseSequence
@@ -92,18 +92,18 @@ def load_published_pipeline(config: AnimateConfig, weights: Path | None, dtype: 
 
     control = weights or config.control_weights
     if control is None:
-        raise InputError("no control weights: pass --weights DIR or use a preset that names them")
+        raise WeightsError("no control weights: pass --weights DIR or use a preset that names them")
     unet_weights = weights / "unet" if weights is not None and (weights / "unet").is_dir() else config.unet_weights
     try:
         encoder = load_pose_encoder(control)
-    except InputError as e:
-        raise InputError(f"{e}; without weights, try --preset tiny") from None
+    except WeightsError as e:
+        raise WeightsError(f"{e}; without weights, try --preset tiny") from None
     unet = load_unet(config.base_model, unet_weights, dtype)
     try:
         return ControlNeXtSVDPipeline.from_pretrained(config.base_model, pose_encoder=encoder, unet=unet,
                                                       dtype=dtype, local_files_only=hub_local_only())
     except Exception as e:  # noqa: BLE001 - hub, file and config errors all end the run in one line
-        raise InputError(f"cannot load the base model {config.base_model}: {hub_error_message(e, config.base_model)}"
+        raise WeightsError(f"cannot load the base model {config.base_model}: {hub_error_message(e, config.base_model)}"
                          ) from None
 
 
@@ -112,7 +112,7 @@ def trained_components(folder: Path) -> dict:
     from svd_controlnext.weights import load_pose_encoder
 
     if not (folder / "pose_encoder").is_dir():
-        raise InputError(f"{folder}: no pose_encoder/ in it (expected a folder from `svd-animate convert` or train)")
+        raise WeightsError(f"{folder}: no pose_encoder/ in it (expected a folder from `svd-animate convert` or train)")
     parts = {"pose_encoder": load_pose_encoder(folder)}
     if (folder / "unet").is_dir():
         from diffusers import UNetSpatioTemporalConditionModel
@@ -312,10 +312,10 @@ class Animator:
             name = detector_name(self.config)
             try:
                 detector = load_detector(name, dwpose_dir=self.dwpose_dir)
-            except InputError as e:
+            except UserError as e:
                 if name == self.config.detector:
                     raise
-                raise InputError(f"--published-sampling needs DWPose, the detector the published weights were "
+                raise WeightsError(f"--published-sampling needs DWPose, the detector the published weights were "
                                  f"trained with ({e}); or pass --detector mediapipe to accept other skeletons"
                                  ) from None
             self._detector = self._resources.enter_context(detector)

@@ -25,7 +25,7 @@ import yaml
 from tqdm import tqdm
 
 from svd_common.atomic import write_json
-from svd_common.errors import InputError
+from svd_common.errors import InputError, UserError
 from pose.skeleton import PoseSequence
 from svd_common.video import IMAGE_SUFFIXES, probe_video, read_image
 
@@ -264,7 +264,7 @@ def run_jobs(jobs: list[Job], run_one: Callable[[Job], int], overwrite: bool = F
         else:
             try:
                 record.frames = run_one(job)
-            except InputError as e:
+            except UserError as e:
                 record.status, record.error = "failed", str(e)
             except Exception as e:  # one job's fault (a bad file, a model error) must not stop the batch
                 logger.debug("job %d failed", job.index + 1, exc_info=True)

@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from svd_common.errors import InputError
+from svd_common.errors import InputError, UserError
 
 logger = logging.getLogger("svd_animate")
 
@@ -426,7 +426,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", module="google.protobuf")
     try:
         return args.run(args)
-    except InputError as e:
+    except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ import dataclasses
 import psutil
 import torch
 
-from svd_common.errors import InputError
+from svd_common.errors import ResourceError
 
 SHARE_FOR_FRAMES = 0.5  # the rest is left to the models and one window's activations
 LATENT_COPIES = 3  # latents, fused latents, and the window slice being stepped
@@ -63,7 +63,7 @@ def check_frames_fit(num_frames: int, width: int, height: int, dtype: torch.dtyp
     limit = max_frames_that_fit(cost, free_host, free_device)
     if num_frames > limit:
         need = num_frames * (cost.host + cost.device) / 2**30
-        raise InputError(f"{num_frames} frames at {width}x{height} need about {need:.1f} GiB held for the whole "
+        raise ResourceError(f"{num_frames} frames at {width}x{height} need about {need:.1f} GiB held for the whole "
                          f"video, more than {device} has free; at most {limit} frames fit here: use --max-frames "
                          f"{max(limit, 1)}, a larger --stride or a smaller size")
 

@@ -29,7 +29,7 @@ import torch
 
 from svd_common.atomic import publish
 from svd_common.cache_dirs import weights_cache_dir
-from svd_common.errors import InputError
+from svd_common.errors import WeightsError
 from svd_common.hub import hub_local_only, hub_offline
 
 from .encoder import PoseEncoder
@@ -57,7 +57,7 @@ def load_state_dict_file(path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint file")
+        raise WeightsError(f"{path}: no such checkpoint file")
     from safetensors.torch import load_file
 
     try:
@@ -71,15 +71,15 @@ def load_state_dict_file(path, mmap: bool = False) -> dict[str, torch.Tensor]:
         detail = str(e).rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if str(e) else ""
         if "Unsupported global" in detail:
             detail = detail.split(" was not an allowed global")[0]  # drop torch's advice to allow-list it
-            raise InputError(f"{path}: refused, the pickle carries code or objects, not just tensors "
+            raise WeightsError(f"{path}: refused, the pickle carries code or objects, not just tensors "
                              f"({detail}); nothing was executed") from None
-        raise InputError(f"{path}: not a safetensors or PyTorch checkpoint ({detail or 'unreadable pickle'})") from None
+        raise WeightsError(f"{path}: not a safetensors or PyTorch checkpoint ({detail or 'unreadable pickle'})") from None
     except Exception as e:  # noqa: BLE001 - zip/pickle/EOF errors all mean "not a checkpoint"
-        raise InputError(f"{path}: not a safetensors or PyTorch checkpoint ({type(e).__name__})") from None
+        raise WeightsError(f"{path}: not a safetensors or PyTorch checkpoint ({type(e).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise InputError(f"{path}: not a plain {{name: tensor}} checkpoint")
+        raise WeightsError(f"{path}: not a plain {{name: tensor}} checkpoint")
     return state
 
 
@@ -175,14 +175,14 @@ def resolve_file(source, filename: str) -> Path:
     if source is not None and Path(source).is_dir():
         return Path(source) / filename
     if source is not None and Path(source).suffix:
-        raise InputError(f"{source}: no such checkpoint file")
+        raise WeightsError(f"{source}: no such checkpoint file")
     from huggingface_hub import hf_hub_download
 
     repo = str(source) if source else HUB_REPO
     try:
         return Path(hf_hub_download(repo, filename, subfolder=HUB_SUBFOLDER, local_files_only=hub_local_only()))
     except Exception as e:  # noqa: BLE001 - offline, gated, missing: all say what to do in one line
-        raise InputError(f"cannot fetch {HUB_SUBFOLDER}/{filename}: {hub_error_message(e, repo)}") from None
+        raise WeightsError(f"cannot fetch {HUB_SUBFOLDER}/{filename}: {hub_error_message(e, repo)}") from None
 
 
 # --- the control encoder ---------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def load_pose_encoder(source, **config) -> PoseEncoder:
     encoder = PoseEncoder(**config)
     problems = key_problems(encoder, state)
     if problems:
-        raise InputError(f"{file}: not a ControlNeXt-SVD-v2 control encoder checkpoint: {'; '.join(problems)}")
+        raise WeightsError(f"{file}: not a ControlNeXt-SVD-v2 control encoder checkpoint: {'; '.join(problems)}")
     encoder.load_state_dict(state, strict=True)
     return encoder.eval()  # inference mode, as from_pretrained leaves a model
 
@@ -371,7 +371,7 @@ def _base_error(error: Exception, base) -> str:
 
 def _check_base_folder(base) -> None:
     if Path(base).is_dir() and not (Path(base) / "unet" / "config.json").is_file():
-        raise InputError(f"{base}: no unet/config.json in it (expected an SVD model folder, "
+        raise WeightsError(f"{base}: no unet/config.json in it (expected an SVD model folder, "
                          f"e.g. a download of {BASE_MODEL})")
 
 
@@ -382,7 +382,7 @@ def _pretrained_unet(base, dtype: torch.dtype):
         return _unet_class().from_pretrained(str(base), subfolder="unet", dtype=dtype, low_cpu_mem_usage=True,
                                              local_files_only=hub_local_only())
     except Exception as e:  # noqa: BLE001 - hub, file and format errors all become one line
-        raise InputError(f"cannot load the UNet of the base model {base}: {_base_error(e, base)}") from None
+        raise WeightsError(f"cannot load the UNet of the base model {base}: {_base_error(e, base)}") from None
 
 
 def _unet_skeleton(base):
@@ -395,7 +395,7 @@ def _unet_skeleton(base):
     try:
         config = unet_class.load_config(str(base), subfolder="unet", local_files_only=hub_local_only())
     except Exception as e:  # noqa: BLE001
-        raise InputError(f"cannot read the UNet config of the base model {base}: {_base_error(e, base)}") from None
+        raise WeightsError(f"cannot read the UNet config of the base model {base}: {_base_error(e, base)}") from None
     with init_empty_weights():
         return unet_class.from_config(config)
 
@@ -445,10 +445,10 @@ def _load_unet(base_model, unet_weights, dtype, cache_dir, use_cache: bool):
         try:
             return _unet_class().from_pretrained(str(folder), dtype=dtype, low_cpu_mem_usage=True)
         except Exception as e:  # noqa: BLE001
-            raise InputError(f"{folder}: not a loadable diffusers UNet folder ({_first_line(e)})") from None
+            raise WeightsError(f"{folder}: not a loadable diffusers UNet folder ({_first_line(e)})") from None
     file = resolve_file(unet_weights, UNET_FILE)
     if not file.is_file():
-        raise InputError(f"{file}: no such checkpoint file")
+        raise WeightsError(f"{file}: no such checkpoint file")
     unet = _unet_skeleton(base_model)
     expected = unet.state_dict()
 
@@ -457,7 +457,7 @@ def _load_unet(base_model, unet_weights, dtype, cache_dir, use_cache: bool):
         if state and not set(state) & set(expected):
             problems.insert(0, "none of its keys is a UNet key")
         if problems or not state:
-            raise InputError(f"{file}: not an SVD UNet checkpoint for {base_model}: "
+            raise WeightsError(f"{file}: not an SVD UNet checkpoint for {base_model}: "
                              f"{'; '.join(problems) or 'it holds no tensors'}")
 
     state = _checkpoint_state(file, dtype, cache_dir, use_cache, check)
@@ -480,7 +480,7 @@ def convert(controlnet, output_dir, unet=None, base=BASE_MODEL, embedding_paddin
     """
     output_dir = Path(output_dir)
     if not output_dir.parent.is_dir():
-        raise InputError(f"{output_dir}: folder {output_dir.parent} does not exist")
+        raise WeightsError(f"{output_dir}: folder {output_dir.parent} does not exist")
     encoder = load_pose_encoder(controlnet, embedding_padding=embedding_padding)
     unet_model = _load_unet(base, unet, torch.float32, None, use_cache=False) if unet is not None else None
     output_dir.mkdir(exist_ok=True)

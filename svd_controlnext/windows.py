@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from svd_common.errors import InvalidValue
+
 FUSION_MODES = ("ramp", "uniform")
 
 
 def plan_windows(num_frames: int, window: int, overlap: int) -> list[tuple[int, int]]:
     """`(start, end)` pairs (end exclusive) covering `range(num_frames)`."""
     if num_frames < 1:
-        raise ValueError(f"need at least one frame, got {num_frames}")
+        raise InvalidValue(f"need at least one frame, got {num_frames}")
     if window < 1:
-        raise ValueError(f"window must be at least 1, got {window}")
+        raise InvalidValue(f"window must be at least 1, got {window}")
     if not 0 <= overlap < window:
-        raise ValueError(f"overlap must be in [0, window), got {overlap} for window {window}")
+        raise InvalidValue(f"overlap must be in [0, window), got {overlap} for window {window}")
     window = min(window, num_frames)
     overlap = min(overlap, window - 1)
     starts, start = [], 0
@@ -40,7 +42,7 @@ def position_weights(length: int, mode: str = "ramp") -> np.ndarray:
     if mode == "ramp":
         positions = np.arange(length)
         return np.minimum(positions + 1, length - positions).astype(np.float64)
-    raise ValueError(f"unknown fusion mode {mode!r}; choose {' or '.join(FUSION_MODES)}")
+    raise InvalidValue(f"unknown fusion mode {mode!r}; choose {' or '.join(FUSION_MODES)}")
 
 
 def fusion_weights(windows: list[tuple[int, int]], num_frames: int, mode: str = "ramp",
@@ -61,5 +63,5 @@ def fusion_weights(windows: list[tuple[int, int]], num_frames: int, mode: str = 
                 weights[0] = 0.0
     if (total <= 0).any():
         missing = np.flatnonzero(total <= 0).tolist()
-        raise ValueError(f"frames {missing} are covered by no window")
+        raise InvalidValue(f"frames {missing} are covered by no window")
     return [weights / total[start:end] for (start, end), weights in zip(windows, raw)]

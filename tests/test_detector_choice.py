@@ -13,7 +13,7 @@ import pytest
 import pose.detect.dwpose as dwpose
 from pose.detect import load_detector
 from pose.detect.dwpose import DETECTOR_FILE, HUB_REPO, POSE_FILE, hub_reachable
-from svd_common.errors import InputError
+from svd_common.errors import WeightsError
 from tests.test_dwpose import weights_dir  # noqa: F401  (fixture: tiny graphs in place of the real files)
 
 
@@ -81,7 +81,7 @@ def test_offline_auto_falls_back_to_mediapipe_with_one_warning(no_network, caplo
 
 
 def test_offline_dwpose_is_a_one_line_error(no_network, caplog):
-    with pytest.raises(InputError, match="from yzd-v/DWPose .HF_HUB_OFFLINE is set.*--dwpose-dir") as error:
+    with pytest.raises(WeightsError, match="from yzd-v/DWPose .HF_HUB_OFFLINE is set.*--dwpose-dir") as error:
         load_detector("dwpose")
     assert "\n" not in str(error.value)
     assert warnings_in(caplog) == []
@@ -129,7 +129,7 @@ def test_hub_error_after_a_good_probe_falls_back_in_one_line(online, monkeypatch
     assert load_detector("auto").name == "mediapipe"
     (message,) = warnings_in(caplog)
     assert "Repository Not Found" in message and "\n" not in message
-    with pytest.raises(InputError, match="Repository Not Found") as error:
+    with pytest.raises(WeightsError, match="Repository Not Found") as error:
         load_detector("dwpose")
     assert "\n" not in str(error.value)
 
@@ -141,7 +141,7 @@ def test_unresponsive_hub_falls_back_without_waiting(silent_hub, monkeypatch, ca
     start = time.monotonic()
     with load_detector("auto") as detector:
         assert detector.name == "mediapipe"
-    with pytest.raises(InputError, match="127.0.0.1:[0-9]+ unreachable"):
+    with pytest.raises(WeightsError, match="127.0.0.1:[0-9]+ unreachable"):
         load_detector("dwpose")
     assert 0.5 < time.monotonic() - start < 3  # two probes that waited 0.3 s each, not the hub's retries
     (message,) = warnings_in(caplog)

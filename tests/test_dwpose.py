@@ -5,7 +5,7 @@ from pose.detect import load_detector
 from pose.detect.base import choose_box
 from pose.detect.dwpose import (DETECTOR_FILE, POSE_FILE, DWPoseDetector, box_to_centre_scale, decode_simcc,
                                 find_weights, letterbox, nms, person_boxes, wholebody_to_openpose)
-from svd_common.errors import InputError
+from svd_common.errors import InputError, WeightsError
 from tests.helpers import build_pose_graph, build_yolox_graph, yolox_output
 
 
@@ -139,5 +139,5 @@ def test_unknown_detector_and_bad_model_file(tmp_path):
         load_detector("openpose")
     (tmp_path / DETECTOR_FILE).write_bytes(b"not onnx")
     (tmp_path / POSE_FILE).write_bytes(b"not onnx")
-    with pytest.raises(InputError, match="cannot load DWPose ONNX models"):
+    with pytest.raises(WeightsError, match="cannot load DWPose ONNX models"):
         DWPoseDetector.from_pretrained(tmp_path, download=False)

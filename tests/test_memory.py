@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from svd_common.errors import InputError
+from svd_common.errors import ResourceError
 from svd_animate.memory import FrameCost, check_frames_fit, frame_cost, max_frames_that_fit
 
 
@@ -23,7 +23,7 @@ def test_too_many_frames_refused_with_the_length_that_fits():
     per_frame = frame_cost(64, 64, 4, "cpu").host  # 12,288 + 3*4*8*8*4 = 15,360 B
     free = (per_frame * 20, 0)  # half of it: 10 frames
     check_frames_fit(10, 64, 64, torch.float32, "cpu", free=free)
-    with pytest.raises(InputError, match=r"11 frames at 64x64 need about .* GiB .* at most 10 frames fit here: "
+    with pytest.raises(ResourceError, match=r"11 frames at 64x64 need about .* GiB .* at most 10 frames fit here: "
                                          r"use --max-frames 10"):
         check_frames_fit(11, 64, 64, torch.float32, "cpu", free=free)
 

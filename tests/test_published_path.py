@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pose.detect.base import PoseDetector
-from svd_common.errors import InputError
+from svd_common.errors import InputError, WeightsError
 from pose.skeleton import PoseSequence
 from svd_animate.animate import AnimateConfig, driving_frames_cap, driving_poses, load_reference, output_fps
 from svd_animate.config import load_preset, with_published_sampling
@@ -205,7 +205,7 @@ def test_a_gated_base_model_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(weights, "load_unet", lambda *args, **kwargs: tiny_unet())
     monkeypatch.setattr(ControlNeXtSVDPipeline, "from_pretrained", gated)
-    with pytest.raises(InputError) as info:
+    with pytest.raises(WeightsError) as info:
         load_pipeline(config, None, "cpu", torch.float32)
     message = str(info.value)
     assert len(message.splitlines()) == 1 and "accept its licence" in message and "hf auth login" in message

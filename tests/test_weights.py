@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from svd_animate import cli
-from svd_common.errors import InputError
+from svd_common.errors import WeightsError
 from svd_controlnext.encoder import PoseEncoder
 from svd_controlnext.weights import convert, load_pose_encoder, load_state_dict_file
 
@@ -60,11 +60,11 @@ def test_pickle_with_code_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "controlnet.bin"
     torch.save({"embedding.0.weight": Payload(marker)}, path)  # how a malicious checkpoint is made
-    with pytest.raises(InputError, match=r"refused, the pickle carries code.*GLOBAL (builtins\.)?exec\); nothing was executed"):
+    with pytest.raises(WeightsError, match=r"refused, the pickle carries code.*GLOBAL (builtins\.)?exec\); nothing was executed"):
         load_state_dict_file(path)
     with open(path, "wb") as f:  # the same in a newer pickle protocol
         pickle.dump({"embedding.0.weight": Payload(marker)}, f, protocol=4)
-    with pytest.raises(InputError, match="not a safetensors or PyTorch checkpoint|refused"):
+    with pytest.raises(WeightsError, match="not a safetensors or PyTorch checkpoint|refused"):
         load_state_dict_file(path)
     assert not marker.exists()
 
@@ -76,7 +76,7 @@ def test_wrong_model_keys_are_named(published, tmp_path):
     state["mid_convs.1.weight"] = torch.zeros(1280, 256, 1, 1)  # and another output width
     del state["down_res.1.conv_shortcut.bias"]
     torch.save(state, tmp_path / "v1.bin")
-    with pytest.raises(InputError) as info:
+    with pytest.raises(WeightsError) as info:
         load_pose_encoder(tmp_path / "v1.bin")
     message = str(info.value)
     assert "missing 1 keys (down_res.1.conv_shortcut.bias)" in message
@@ -86,12 +86,12 @@ def test_wrong_model_keys_are_named(published, tmp_path):
 
 def test_garbage_and_missing_files(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(InputError, match="not a safetensors or PyTorch checkpoint"):
+    with pytest.raises(WeightsError, match="not a safetensors or PyTorch checkpoint"):
         load_state_dict_file(tmp_path / "junk.bin")
-    with pytest.raises(InputError, match="no such checkpoint file"):
+    with pytest.raises(WeightsError, match="no such checkpoint file"):
         load_pose_encoder(tmp_path / "nope.bin")
     torch.save([torch.zeros(1)], tmp_path / "list.bin")
-    with pytest.raises(InputError, match="not a plain"):
+    with pytest.raises(WeightsError, match="not a plain"):
         load_state_dict_file(tmp_path / "list.bin")
 
 

@@ -7,7 +7,7 @@ import pytest
 from huggingface_hub import errors as hub
 from huggingface_hub.utils import hf_raise_for_status
 
-from svd_common.errors import InputError
+from svd_common.errors import WeightsError
 from svd_controlnext.weights import BASE_MODEL, UNET_FILE, hub_error_message, load_unet, resolve_file
 
 # the HTTP client huggingface_hub answers with (httpx2 in huggingface_hub 2.x)
@@ -65,15 +65,15 @@ def test_offline_fails_at_once_without_the_network(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # as if read before the variable was set
     requests = []
     monkeypatch.setattr(download, "get_hf_file_metadata", lambda *a, **k: requests.append(a) or pytest.fail("network"))
-    with pytest.raises(InputError) as info:
+    with pytest.raises(WeightsError) as info:
         resolve_file(None, UNET_FILE)
     message = one_line(str(info.value))
     assert message.startswith(f"cannot fetch ControlNeXt-SVD/v2/{UNET_FILE}: Pbihao/ControlNeXt is not in the local")
     assert "offline (HF_HUB_OFFLINE=1 is set)" in message
-    with pytest.raises(InputError, match=f"cannot load the UNet of the base model {BASE_MODEL}: .*offline"):
+    with pytest.raises(WeightsError, match=f"cannot load the UNet of the base model {BASE_MODEL}: .*offline"):
         load_unet(BASE_MODEL, None)
     (tmp_path / "unet.bin").write_bytes(b"")
-    with pytest.raises(InputError, match=f"cannot read the UNet config of the base model {BASE_MODEL}: .*offline"):
+    with pytest.raises(WeightsError, match=f"cannot read the UNet config of the base model {BASE_MODEL}: .*offline"):
         load_unet(BASE_MODEL, tmp_path / "unet.bin")
     assert requests == []
 
@@ -90,7 +90,7 @@ def test_a_gated_base_model_through_load_unet(monkeypatch):
             raise OSError("There was a specific connection error when trying to load the model") from None
 
     monkeypatch.setattr(UNetSpatioTemporalConditionModel, "from_pretrained", refuse)
-    with pytest.raises(InputError) as info:
+    with pytest.raises(WeightsError) as info:
         load_unet(BASE_MODEL, None)
     message = one_line(str(info.value))
     assert "is a gated model: accept its licence" in message and "hf auth login" in message
@@ -109,7 +109,7 @@ def test_an_unreachable_hub_fails_at_once_without_hf_hub_offline(monkeypatch):
     monkeypatch.setattr(svd_common.hub, "hub_reachable", lambda url: probes.append(url) or False)
     monkeypatch.setattr(download, "get_hf_file_metadata", lambda *a, **k: pytest.fail("network"))
     for _ in range(2):
-        with pytest.raises(InputError) as info:
+        with pytest.raises(WeightsError) as info:
             resolve_file(None, UNET_FILE)
         assert "huggingface.co cannot be reached" in one_line(str(info.value))
     assert len(probes) == 1  # probed once per process

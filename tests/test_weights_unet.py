@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from svd_common.errors import InputError
+from svd_common.errors import WeightsError
 from svd_controlnext.encoder import PoseEncoder
 from svd_controlnext.tiny import tiny_unet
 from svd_common.cache_dirs import weights_cache_dir
@@ -179,25 +179,25 @@ def one_line_error(info, path):
 def test_a_checkpoint_of_another_model_is_named(tiny_base, tmp_path):
     folder, _, published, _ = tiny_base
     torch.save(PoseEncoder().state_dict(), tmp_path / "unet.bin")
-    with pytest.raises(InputError) as info:
+    with pytest.raises(WeightsError) as info:
         load_unet(str(folder), tmp_path / "unet.bin", cache_dir=tmp_path / "cache")
     message = one_line_error(info, tmp_path / "unet.bin")
     assert "not an SVD UNet checkpoint for" in message and "unexpected 48 keys (embedding.0.weight" in message
     assert "time_embedding.linear_1.weight has shape (256, 128), expected (128, 32)" in message  # a shared name
     torch.save({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, tmp_path / "ldm.bin")
-    with pytest.raises(InputError, match="none of its keys is a UNet key; unexpected 1 keys"):
+    with pytest.raises(WeightsError, match="none of its keys is a UNet key; unexpected 1 keys"):
         load_unet(str(folder), tmp_path / "ldm.bin", cache_dir=tmp_path / "cache")
     state = dict(published)
     state["conv_out.weight"] = torch.zeros(4, 64, 3, 3)
     state["controlnext.extra"] = torch.zeros(1)
     torch.save(state, tmp_path / "other.bin")
-    with pytest.raises(InputError) as info:
+    with pytest.raises(WeightsError) as info:
         load_unet(str(folder), tmp_path / "other.bin", cache_dir=tmp_path / "cache")
     message = one_line_error(info, tmp_path / "other.bin")
     assert "unexpected 1 keys (controlnext.extra)" in message
     assert "conv_out.weight has shape (4, 64, 3, 3), expected (4, 32, 3, 3)" in message
     torch.save({}, tmp_path / "empty.bin")
-    with pytest.raises(InputError, match="it holds no tensors"):
+    with pytest.raises(WeightsError, match="it holds no tensors"):
         load_unet(str(folder), tmp_path / "empty.bin", cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing converted
 
@@ -206,7 +206,7 @@ def test_a_pickle_carrying_code_is_refused(tiny_base, tmp_path):
     folder = tiny_base[0]
     marker = tmp_path / "pwned"
     torch.save({"conv_in.weight": Payload(marker)}, tmp_path / "unet.bin")
-    with pytest.raises(InputError, match="refused, the pickle carries code.*nothing was executed"):
+    with pytest.raises(WeightsError, match="refused, the pickle carries code.*nothing was executed"):
         load_unet(str(folder), tmp_path / "unet.bin", cache_dir=tmp_path / "cache")
     assert not marker.exists()
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
@@ -214,9 +214,9 @@ def test_a_pickle_carrying_code_is_refused(tiny_base, tmp_path):
 
 def test_a_bad_base_folder_is_named(tiny_base, tmp_path):
     folder = tiny_base[0]
-    with pytest.raises(InputError, match=r"no unet/config.json in it"):
+    with pytest.raises(WeightsError, match=r"no unet/config.json in it"):
         load_unet(str(tmp_path), folder / "unet.bin")
-    with pytest.raises(InputError, match="no such checkpoint file"):
+    with pytest.raises(WeightsError, match="no such checkpoint file"):
         load_unet(str(folder), tmp_path / "missing.bin")
 
 

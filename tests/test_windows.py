@@ -61,3 +61,13 @@ def test_bad_plans():
         plan_windows(0, 4, 1)
     with pytest.raises(ValueError, match="unknown fusion mode"):
         fusion_weights([(0, 4)], 4, "cosine")
+
+
+def test_bad_plans_are_user_errors_the_cli_prints_in_one_line():
+    """A value a user can reach is an `InvalidValue`: a ValueError for library callers, a UserError for the CLI."""
+    from svd_common.errors import InvalidValue, UserError
+
+    with pytest.raises(InvalidValue) as info:
+        plan_windows(10, 24, 30)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, UserError)
+    assert str(info.value) == "overlap must be in [0, window), got 30 for window 24"

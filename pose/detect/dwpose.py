@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from svd_common.errors import InputError
+from svd_common.errors import InputError, WeightsError
 from svd_common.hub import hub_endpoint, hub_offline, hub_reachable
 from .base import PoseDetector, choose_box, empty_pose
 
@@ -178,7 +178,7 @@ def wholebody_to_openpose(keypoints: np.ndarray, scores: np.ndarray, width: int,
 
 # ---- weights and the detector -----------------------------------------------------------------
 
-class WeightsUnavailable(InputError):
+class WeightsUnavailable(WeightsError):
     """The two ONNX files are neither here nor downloadable now; `reason` says why in a few words, so that
     `auto` can fall back with a short warning while `--detector dwpose` shows the whole line."""
 
@@ -239,7 +239,7 @@ class DWPoseDetector(PoseDetector):
             self.detector = ort.InferenceSession(str(detector_path), options, providers=self.providers)
             self.pose_model = ort.InferenceSession(str(pose_path), options, providers=self.providers)
         except Exception as e:
-            raise InputError(f"cannot load DWPose ONNX models {detector_path}, {pose_path}: {e}") from None
+            raise WeightsError(f"cannot load DWPose ONNX models {detector_path}, {pose_path}: {e}") from None
         self.files = (Path(detector_path).name, Path(pose_path).name)
         self.pose_input_hw = tuple(int(d) for d in self.pose_model.get_inputs()[0].shape[2:])
         self._previous_box = None
@@ -248,7 +248,7 @@ class DWPoseDetector(PoseDetector):
     def from_pretrained(cls, source=None, providers=None, download: bool = True) -> "DWPoseDetector":
         found = find_weights(source, download=download)
         if found is None:
-            raise InputError(f"DWPose weights not found: put {DETECTOR_FILE} and {POSE_FILE} in a folder and "
+            raise WeightsError(f"DWPose weights not found: put {DETECTOR_FILE} and {POSE_FILE} in a folder and "
                              f"pass --dwpose-dir (or set {ENV_DIR})")
         return cls(*found, providers=providers)
 
