@@ -71,6 +71,12 @@ def fill_gaps(frames: list[dict | None], mode: str = "interpolate") -> tuple[lis
     return out, ~found
 
 
+def extraction_key(video, detector: PoseDetector, settings: ExtractSettings) -> str:
+    """The pose-cache key of extracting `video` with this detector and these settings: what a dry run
+    checks and what `extract_video` stores under, from one place."""
+    return cache_key(file_digest(video), detector.name, detector.settings(), dataclasses.asdict(settings))
+
+
 def extract_video(
     video,
     detector: PoseDetector,
@@ -83,8 +89,7 @@ def extract_video(
     info = probe_video(video)
     key = None
     if cache is not None:
-        key = cache_key(file_digest(video), detector.name, detector.settings(),
-                        dataclasses.asdict(settings))
+        key = extraction_key(video, detector, settings)
         hit = cache.get(key)
         if hit is not None:
             logger.info("%s: poses from cache (%s)", video, cache.path(key))

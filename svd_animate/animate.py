@@ -115,9 +115,9 @@ def trained_components(folder: Path) -> dict:
         raise WeightsError(f"{folder}: no pose_encoder/ in it (expected a folder from `svd-animate convert` or train)")
     parts = {"pose_encoder": load_pose_encoder(folder)}
     if (folder / "unet").is_dir():
-        from diffusers import UNetSpatioTemporalConditionModel
+        from svd_controlnext.weights import load_unet
 
-        parts["unet"] = UNetSpatioTemporalConditionModel.from_pretrained(folder / "unet")
+        parts["unet"] = load_unet(TINY, folder)  # a diffusers folder: the one UNet loader, no base needed
     return parts
 
 
@@ -179,6 +179,28 @@ def driving_frames_cap(config: AnimateConfig) -> int | None:
     if config.max_frames < 2:
         raise InputError("--max-frames must be at least 2 with the reference pose first (--published-sampling)")
     return config.max_frames - 1
+
+
+def stride_for_fps(source_fps: float, target_fps: float) -> int:
+    """The stride whose frame rate (source / stride) comes closest to `target_fps`; never below 1, so a
+    clip slower than the target keeps every frame and nothing is invented."""
+    return max(1, round(source_fps / target_fps))
+
+
+def with_target_fps(config: AnimateConfig, pose_input: Path) -> AnimateConfig:
+    """`fps` turned into this clip's stride (a 7.5 fps clip at `--fps 7.5` keeps every frame, where the
+    preset's stride 2 would make it 3.75 fps)."""
+    if not config.fps:
+        return config
+    if is_pose_file(pose_input):
+        logger.warning("%s: --fps applies to driving videos; a poses file keeps the frames it was made with",
+                       pose_input)
+        return config
+    source = probe_video(pose_input).fps
+    stride = stride_for_fps(source, config.fps)
+    if source < config.fps:
+        logger.warning("%s: %.3g fps, slower than --fps %g: every frame is kept", pose_input, source, config.fps)
+    return config.replace(stride=stride)
 
 
 def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, detector: Callable[[], PoseDetector],
@@ -254,8 +276,8 @@ def expected_frames(pose_input: Path, config: AnimateConfig) -> int | None:
     """Frames the run will make, known before any pose is extracted (None when the video does not say)."""
     if is_pose_file(pose_input):
         return None
-    count = expected_count(probe_video(pose_input), ExtractSettings(stride=config.stride,
-                                                                    max_frames=driving_frames_cap(config)))
+    kept = dataclasses.replace(extract_settings(config), max_frames=driving_frames_cap(config))
+    count = expected_count(probe_video(pose_input), kept)
     return count + int(config.prepend_reference_pose) if count else None
 
 
@@ -385,8 +407,10 @@ class Animator:
         refused = sorted(set(overrides) & set(LOAD_KEYS))
         if refused:
             raise InputError(f"{', '.join(refused)}: fixed for the whole run, not per job")
-        config = self.config.replace(**overrides)
         reference, pose_input, output = Path(reference), Path(pose_input), Path(output)
+        config = self.config.replace(**overrides)
+        if pose_input.is_file():  # (a missing one is named by check)
+            config = with_target_fps(config, pose_input)
         self.check(reference, pose_input, output, config, side_by_side)
         width, height = config.width, config.height
 

@@ -338,16 +338,16 @@ def job_overrides(job: Job) -> dict:
 
 def pose_cache_state(job: Job, config, cache, detector) -> str:
     """'cached', 'to extract', or 'npz' (no extraction) for a job's driving clip."""
-    from pose.cache import cache_key, file_digest
+    from pose.extract import extraction_key
 
-    from .animate import extract_settings
+    from .animate import extract_settings, with_target_fps
 
     if job.pose.suffix.lower() == ".npz":
         return "npz"
     if cache is None:
         return "to extract"
-    settings = extract_settings(config.replace(**job_overrides(job)))
-    key = cache_key(file_digest(job.pose), detector.name, detector.settings(), dataclasses.asdict(settings))
+    config = with_target_fps(config.replace(**job_overrides(job)), job.pose)
+    key = extraction_key(job.pose, detector, extract_settings(config))
     return "cached" if cache.path(key).is_file() else "to extract"
 
 

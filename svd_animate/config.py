@@ -75,6 +75,9 @@ class AnimateConfig:
                                       "whole video with every keypoint, floored fps, DWPose (see "
                                       "with_published_sampling)", flag=None)
     stride: int = option(2, "use every N-th driving frame", per_job=True, minimum=1)
+    fps: float | None = option(None, "output frame rate: the stride is chosen per clip to come closest to it "
+                                     "(replaces --stride; a slower clip keeps every frame)", per_job=True,
+                               minimum=0.01)
     max_frames: int | None = option(None, "at most N output frames (the reference-pose frame, when first, counts)",
                                     per_job=True, minimum=1)
     fps_id: int = option(7, "SVD's fps conditioning (the model sees fps_id - 1)", flag=None, minimum=1)

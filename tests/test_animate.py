@@ -4,6 +4,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from svd_animate import cli
 from svd_common.errors import InputError
@@ -321,3 +322,32 @@ def test_seed_minus_one_draws_a_seed_and_prints_it(inputs, tmp_path, capsys, mon
                           "1", "--seed", "1234", "-o", tmp_path / "b.mp4")
     assert code == 0 and ", seed" not in stdout
     assert run(capsys, "--ref", inputs["ref"], "--pose", inputs["poses"], "--seed", "-2")[0] == 2
+
+
+@pytest.mark.parametrize("source, target, stride", [(30, 7.5, 4), (29.97, 15, 2), (7.5, 7.5, 1), (7.5, 30, 1),
+                                                    (25, 10, 2), (60, 8, 8)])
+def test_stride_for_fps_comes_closest_and_never_invents_frames(source, target, stride):
+    from svd_animate.animate import stride_for_fps
+
+    assert stride_for_fps(source, target) == stride
+
+
+def test_target_fps_keeps_a_slow_clip_at_its_own_rate(shared_data, tmp_path, capsys):
+    """A 7.5 fps clip: the tiny preset's stride 4 makes it 1.875 fps; `--fps 7.5` keeps every frame."""
+    from itertools import islice
+
+    from svd_common.video import iter_frames
+    from tests.helpers import write_clip
+
+    frames = [rgb for _, rgb in islice(iter_frames(shared_data / "driving_controlnext_v2_01.mp4"), 8)]
+    clip = write_clip(tmp_path / "slow.mp4", frames, fps=7.5)
+    common = ["--ref", shared_data / "ref_controlnext_v2_01.jpeg", "--pose", clip, "--preset", "tiny", "--steps",
+              "1", "--detector", "mediapipe", "--cache-dir", tmp_path / "cache"]
+    code, stdout, _ = run(capsys, *common, "-o", tmp_path / "strided.mp4")
+    assert code == 0 and "2 frames at 1.875 fps" in stdout
+    code, stdout, _ = run(capsys, *common, "--fps", "7.5", "-o", tmp_path / "native.mp4")
+    assert code == 0 and "8 frames at 7.5 fps" in stdout
+    with av.open(str(tmp_path / "native.mp4")) as container:
+        assert float(container.streams.video[0].average_rate) == pytest.approx(7.5)
+    code, _, err = run(capsys, *common, "--fps", "0", "-o", tmp_path / "zero.mp4")
+    assert code == 2 and err == "svd-animate: error: fps must be at least 0.01, got 0.0\n"
