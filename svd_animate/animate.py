@@ -28,7 +28,8 @@ from svd_common.errors import InputError, UserError, WeightsError
 from pose.extract import ExtractSettings, detect_reference, expected_count, extract_aligned
 from pose.render import render_sequence
 from pose.skeleton import PoseSequence
-from svd_common.video import AudioClip, VideoWriter, check_writable, has_audio, is_image_path, probe_video, read_image
+from svd_common.video import (AudioClip, VideoWriter, check_output_container, check_writable, has_audio,
+                               is_image_path, probe_video, read_image)
 
 from .config import LOAD_KEYS, OFFLOAD_MODES, TINY, AnimateConfig
 from svd_controlnext.decode import iter_decoded_frames
@@ -388,8 +389,7 @@ class Animator:
 
     def check(self, reference, pose_input, output, config: AnimateConfig, side_by_side: bool = False) -> None:
         """Every check that needs no model: files, size, and whether the video's length fits in memory."""
-        if output.suffix.lower() != ".mp4":
-            raise InputError(f"{output}: the output is an H.264 .mp4 video; name it with .mp4")
+        check_output_container(output)
         check_writable(output)
         for path in (reference, pose_input):
             if not path.is_file():
@@ -432,6 +432,7 @@ class Animator:
             latents = pipe(Image.fromarray(reference_image), pose_frames, generator=generator, output_type="latent",
                            **pipeline_arguments(config)).frames
             with VideoWriter(output, fps=fps, audio=audio) as writer:
+                audio = writer.audio  # (a .gif has none)
                 decoded = iter_decoded_frames(pipe.vae, latents, self.decode_chunk(config), self.progress)
                 for index, frame in enumerate(decoded):
                     writer.write(np.concatenate([pose_frames[index], frame], axis=1) if side_by_side else frame)

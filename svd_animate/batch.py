@@ -27,7 +27,7 @@ from tqdm import tqdm
 from svd_common.atomic import write_json
 from svd_common.errors import InputError, UserError
 from pose.skeleton import PoseSequence
-from svd_common.video import IMAGE_SUFFIXES, probe_video, read_image
+from svd_common.video import IMAGE_SUFFIXES, check_output_container, probe_video, read_image
 
 from .config import AnimateConfig, expand_shortcuts, parse_value, per_job_fields
 
@@ -37,7 +37,7 @@ VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".gif"}
 POSE_SUFFIXES = VIDEO_SUFFIXES | {".npz"}
 PAIRINGS = ("all", "name")
 REPORT = "report.json"
-PART_GLOB = ".*.part.mp4"  # VideoWriter's temporary files
+PART_GLOB = ".*.part.*"  # VideoWriter's temporary files (the extension kept)
 
 # Per-job overrides a manifest may set (the config fields marked per_job, and `guidance` for min and max).
 JOB_OPTIONS = per_job_fields()
@@ -180,8 +180,10 @@ def jobs_from_manifest(path, outdir: Path, config: AnimateConfig | None = None) 
             except InputError as e:
                 problems.append(f"{where}: {e}")
         output = Path(outdir) / str(row.get("output") or default_output(files["ref"], files["pose"]))
-        if output.suffix.lower() != ".mp4":
-            problems.append(f"{where}: output {output.name} must end in .mp4")
+        try:
+            check_output_container(output)
+        except InputError as e:
+            problems.append(f"{where}: {e}")
         jobs.append(Job(number - 1, files["ref"], files["pose"], output, tuple(sorted(overrides.items()))))
     _check_unique_outputs(jobs, problems)
     problems.raise_if_any(str(path))

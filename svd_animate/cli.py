@@ -86,7 +86,7 @@ def run_pose(args) -> int:
     from pose.detect import load_detector
     from pose.extract import ExtractSettings, detect_reference, extract_aligned
     from pose.preview import write_preview
-    from svd_common.video import check_writable, is_image_path, probe_video, read_image
+    from svd_common.video import check_output_container, check_writable, is_image_path, probe_video, read_image
 
     if is_image_path(args.video):
         raise InputError(f"{args.video}: is an image; --video takes a driving video")
@@ -97,6 +97,7 @@ def run_pose(args) -> int:
         raise InputError(f"--end ({args.end}s) must come after --start ({args.start}s)")
     check_writable(args.output)
     if args.preview:
+        check_output_container(args.preview)
         check_writable(args.preview)
     if args.ref is not None and not args.ref.is_file():
         raise InputError(f"{args.ref}: no such file")
@@ -200,7 +201,7 @@ def add_animate_parser(subparsers) -> None:
     )
     p.add_argument("--ref", required=True, type=Path, help="reference image of the character")
     p.add_argument("--pose", required=True, type=Path, help="driving video, or a PoseSequence .npz")
-    p.add_argument("-o", "--output", type=Path, help="output .mp4 (default: <pose>_<ref>.mp4 here)")
+    p.add_argument("-o", "--output", type=Path, help="output video: .mp4, .mov, .mkv, .webm or .gif (default: <pose>_<ref>.mp4 here)")
     add_generation_options(p)
     p.set_defaults(run=run_animate)
 

@@ -4,7 +4,6 @@ import av
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from svd_animate import cli
 from svd_common.errors import InputError
@@ -351,3 +350,20 @@ def test_target_fps_keeps_a_slow_clip_at_its_own_rate(shared_data, tmp_path, cap
         assert float(container.streams.video[0].average_rate) == pytest.approx(7.5)
     code, _, err = run(capsys, *common, "--fps", "0", "-o", tmp_path / "zero.mp4")
     assert code == 2 and err == "svd-animate: error: fps must be at least 0.01, got 0.0\n"
+
+
+def test_the_same_run_twice_gives_the_same_bytes_in_the_container_the_name_asks(inputs, tmp_path, capsys):
+    """Same seed, same file, byte for byte (x264 without mbtree, bit-exact muxing); `-o x.gif` writes a GIF."""
+    common = ["--ref", inputs["ref"], "--pose", inputs["poses"], "--preset", "tiny", "--steps", "2", "--seed", "7"]
+    for name in ("first.mp4", "second.mp4", "clip.gif"):
+        code, stdout, _ = run(capsys, *common, "-o", tmp_path / name)
+        assert code == 0 and f"{name}: 3 frames at 5 fps" in stdout
+    assert (tmp_path / "first.mp4").read_bytes() == (tmp_path / "second.mp4").read_bytes()
+    with av.open(str(tmp_path / "clip.gif")) as container:
+        assert container.format.name == "gif"
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    with av.open(str(tmp_path / "first.mp4")) as container:
+        reference = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    assert len(frames) == 3 and frames[0].shape == (64, 64, 3)
+    # the same frames through two lossy codecs: close on average (GIF: a 256-colour palette per frame)
+    assert np.abs(np.stack(frames).astype(int) - np.stack(reference)).mean() < 12

@@ -91,10 +91,14 @@ def test_manifest_values_are_checked_against_the_fields_and_the_config(tmp_path)
                          "  job 4: overlap (2) must be smaller than window (2)"]
 
 
-def test_non_finite_guidance_and_a_non_mp4_output_are_refused_before_work(tmp_path, capsys):
+def test_non_finite_guidance_and_an_unwritable_container_are_refused_before_work(tmp_path, capsys):
     base = ["-q", "--ref", str(tmp_path / "r.png"), "--pose", str(tmp_path / "p.mp4"), "--preset", "tiny"]
     assert cli.main([*base, "--guidance", "nan"]) == 2
     assert capsys.readouterr().err == "svd-animate: error: min_guidance must be a finite number, got nan\n"
-    assert cli.main([*base, "-o", str(tmp_path / "out.gif")]) == 2
-    assert capsys.readouterr().err.endswith("out.gif: the output is an H.264 .mp4 video; name it with .mp4\n")
-    assert not (tmp_path / "out.gif").exists()
+    assert cli.main([*base, "-o", str(tmp_path / "out.avi")]) == 2
+    assert capsys.readouterr().err == (f"svd-animate: error: {tmp_path / 'out.avi'}: cannot write .avi videos; end "
+                                       "the name with .mp4, .mov, .mkv, .webm or .gif\n")
+    assert cli.main([*base, "-o", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"svd-animate: error: {tmp_path / 'out'}: no extension to choose the video "
+                                       "format from; end the name with .mp4, .mov, .mkv, .webm or .gif\n")
+    assert not (tmp_path / "out.avi").exists() and not (tmp_path / "out").exists()
