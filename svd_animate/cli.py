@@ -20,15 +20,23 @@ logger = logging.getLogger("svd_animate")
 PROG = "svd-animate"
 
 
+def _number(kind, text: str):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a{'n integer' if kind is int else ' number'}, got {text!r}"
+                                         ) from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(int, text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    value = _number(float, text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
@@ -386,8 +394,16 @@ def run_convert(args) -> int:
     return 0
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse whose errors (`--steps abc`, `--fusion cosine`) are one line like every other error of the
+    command, not the usage block first; the sub-command parsers are made with this class too."""
+
+    def error(self, message):
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Pose-driven character animation on Stable Video "
+    parser = CommandParser(prog=PROG, description="Pose-driven character animation on Stable Video "
                                                             "Diffusion (ControlNeXt).")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages")
@@ -417,15 +433,15 @@ def with_default_command(argv: list[str], commands) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    commands = parser.get_default("commands")
-    args = parser.parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv), commands))
-    args.argv = argv
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(max(level, logging.WARNING))  # its per-file INFO lines drown ours
-    warnings.filterwarnings("ignore", module="google.protobuf")
     try:
+        parser = build_parser()
+        commands = parser.get_default("commands")
+        args = parser.parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv), commands))
+        args.argv = argv
+        level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+        logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+        logging.getLogger("accelerate").setLevel(max(level, logging.WARNING))  # its per-file INFO lines drown ours
+        warnings.filterwarnings("ignore", module="google.protobuf")
         return args.run(args)
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -154,3 +154,17 @@ def test_help_lists_the_options(capsys):
     for option in ("--video", "--ref", "--detector", "--align", "--stride", "--max-frames", "--preview",
                    "--no-cache", "--cache-dir", "--dwpose-dir"):
         assert option in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ref", "r.png", "--pose", "p.mp4", "--fusion", "cosine"],
+     "argument --fusion: invalid choice: 'cosine' (choose from 'ramp', 'uniform')"),
+    (["--ref", "r.png", "--pose", "p.mp4", "--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["pose", "--video", "v.mp4", "-o", "p.npz", "--stride", "two"], "argument --stride: must be an integer, got 'two'"),
+    (["pose", "--video", "v.mp4", "-o", "p.npz", "--stride", "0"], "argument --stride: must be at least 1, got 0"),
+])
+def test_option_errors_are_one_line_without_the_usage_block(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"svd-animate: error: {message}\n"
