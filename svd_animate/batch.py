@@ -65,7 +65,7 @@ class BatchOptions:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    index: int
+    number: int  # from 1: the manifest's row, the table's and report.json's `job`
     ref: Path
     pose: Path
     output: Path
@@ -93,8 +93,12 @@ def _listing(folder: Path, suffixes: set[str], what: str, problems: Problems) ->
     if not folder.is_dir():
         problems.append(f"{folder}: no such folder")
         return []
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in suffixes)
+    visible = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = [p for p in visible if p.suffix.lower() in suffixes]
+    ignored = [p.name for p in visible if p.suffix.lower() not in suffixes]
+    if ignored:
+        logger.warning("%s: %d file%s left out, not %s: %s", folder, len(ignored), "s" * (len(ignored) > 1), what,
+                       ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else ""))
     if not files:
         problems.append(f"{folder}: no {what} in it ({', '.join(sorted(suffixes))})")
     return files
@@ -115,7 +119,8 @@ def jobs_from_folders(refs: Path, poses: Path, outdir: Path, pairing: str = "all
         pairs = [(ref, pose) for pose in pose_files for ref in ref_files]
     else:
         raise InputError(f"unknown pairing {pairing!r}; choose one of {', '.join(PAIRINGS)}")
-    jobs = [Job(i, ref, pose, Path(outdir) / default_output(ref, pose)) for i, (ref, pose) in enumerate(pairs)]
+    jobs = [Job(number, ref, pose, Path(outdir) / default_output(ref, pose))
+            for number, (ref, pose) in enumerate(pairs, start=1)]
     _check_unique_outputs(jobs, problems)
     problems.raise_if_any("batch")
     return jobs
@@ -184,7 +189,7 @@ def jobs_from_manifest(path, outdir: Path, config: AnimateConfig | None = None) 
             check_output_container(output)
         except InputError as e:
             problems.append(f"{where}: {e}")
-        jobs.append(Job(number - 1, files["ref"], files["pose"], output, tuple(sorted(overrides.items()))))
+        jobs.append(Job(number, files["ref"], files["pose"], output, tuple(sorted(overrides.items()))))
     _check_unique_outputs(jobs, problems)
     problems.raise_if_any(str(path))
     return jobs
@@ -194,8 +199,8 @@ def _check_unique_outputs(jobs: list[Job], problems: Problems) -> None:
     seen = {}
     for job in jobs:
         if job.output in seen:
-            problems.append(f"jobs {seen[job.output] + 1} and {job.index + 1} both write {job.output.name}")
-        seen.setdefault(job.output, job.index)
+            problems.append(f"jobs {seen[job.output]} and {job.number} both write {job.output.name}")
+        seen.setdefault(job.output, job.number)
 
 
 def unreadable_inputs(jobs: list[Job]) -> dict[Path, str]:
@@ -223,7 +228,7 @@ def split_jobs(jobs: list[Job], num_processes: int) -> list[list[Job]]:
     shares: list[list[Job]] = [[] for _ in range(num_processes)]
     for clip_jobs in sorted(by_clip.values(), key=lambda group: (-len(group), str(group[0].pose))):
         min(shares, key=len).extend(clip_jobs)
-    return [sorted(share, key=lambda job: job.index) for share in shares]
+    return [sorted(share, key=lambda job: job.number) for share in shares]
 
 
 def remove_leftovers(outdir: Path) -> list[Path]:
@@ -256,7 +261,7 @@ def run_jobs(jobs: list[Job], run_one: Callable[[Job], int], overwrite: bool = F
                position=0)
     for job in bar:
         bar.set_postfix_str(job.name)
-        record = Record(job.index, str(job.ref), str(job.pose), str(job.output), "done", process=process)
+        record = Record(job.number, str(job.ref), str(job.pose), str(job.output), "done", process=process)
         bad = [failed_inputs[p] for p in (job.ref, job.pose) if p in failed_inputs]
         started = time.perf_counter()
         if bad:
@@ -269,12 +274,12 @@ def run_jobs(jobs: list[Job], run_one: Callable[[Job], int], overwrite: bool = F
             except UserError as e:
                 record.status, record.error = "failed", str(e)
             except Exception as e:  # one job's fault (a bad file, a model error) must not stop the batch
-                logger.debug("job %d failed", job.index + 1, exc_info=True)
+                logger.debug("job %d failed", job.number, exc_info=True)
                 record.status, record.error = "failed", f"{type(e).__name__}: {e}"
                 _free_device_memory()
         record.seconds = round(time.perf_counter() - started, 3)
         if record.status == "failed":
-            tqdm.write(f"job {job.index + 1} ({job.name}) failed: {record.error}")
+            tqdm.write(f"job {job.number} ({job.name}) failed: {record.error}")
         records.append(record)
     return records
 
@@ -310,7 +315,7 @@ def merge_reports(outdir: Path, num_processes: int, seconds: float) -> dict:
 def format_table(records: list[dict]) -> str:
     """A plain-text table of the report's jobs."""
     header = ("job", "status", "frames", "seconds", "output / error")
-    rows = [(str(r["job"] + 1), r["status"], "" if r["frames"] is None else str(r["frames"]),
+    rows = [(str(r["job"]), r["status"], "" if r["frames"] is None else str(r["frames"]),
              f"{r['seconds']:.1f}", r["error"] if r["status"] == "failed" else Path(r["output"]).name)
             for r in records]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
@@ -370,7 +375,7 @@ def dry_run_listing(jobs: list[Job], config, options: BatchOptions, unreadable: 
             counts[action] += 1
             poses = "-" if job.pose in unreadable else pose_cache_state(job, config, cache, detector)
             extra = " ".join(f"{k}={v}" for k, v in job.overrides)
-            lines.append(f"{job.index + 1:>4}  {action:<4}  poses {poses:<10}  {job.ref.name} + {job.pose.name} -> "
+            lines.append(f"{job.number:>4}  {action:<4}  poses {poses:<10}  {job.ref.name} + {job.pose.name} -> "
                          f"{job.output}{'  ' + extra if extra else ''}")
     lines.append(f"{len(jobs)} jobs: {counts['run']} to run, {counts['skip']} already done (skipped), "
                  f"{counts['fail']} with unreadable inputs")

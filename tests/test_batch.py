@@ -49,9 +49,12 @@ def run(capsys, *args):
 
 # ---- job lists -----------------------------------------------------------------------------------
 
-def test_every_pair_and_pairs_by_name(folders, tmp_path):
+def test_every_pair_and_pairs_by_name(folders, tmp_path, caplog):
     refs, poses = folders
-    jobs = jobs_from_folders(refs, poses, tmp_path / "out")
+    with caplog.at_level("WARNING", logger="svd_animate.batch"):
+        jobs = jobs_from_folders(refs, poses, tmp_path / "out")
+    assert [r.getMessage() for r in caplog.records] == [f"{refs}: 1 file left out, not images: notes.txt"]
+    assert [j.number for j in jobs] == [1, 2, 3, 4]
     assert [(j.ref.name, j.pose.name, j.output.name) for j in jobs] == [
         ("alice.png", "alice.npz", "alice__alice.mp4"), ("bob.png", "alice.npz", "alice__bob.mp4"),
         ("alice.png", "walk.npz", "walk__alice.mp4"), ("bob.png", "walk.npz", "walk__bob.mp4")]
@@ -73,7 +76,7 @@ def test_manifest_csv_and_yaml(folders, tmp_path):
     (tmp_path / "jobs.csv").write_text("ref,pose,seed,steps,output\nrefs/alice.png,poses/walk.npz,7,2,a.mp4\n"
                                        "refs/bob.png,poses/alice.npz,,,\n")
     jobs = jobs_from_manifest(tmp_path / "jobs.csv", tmp_path / "out")
-    assert jobs[0] == Job(0, refs / "alice.png", poses / "walk.npz", tmp_path / "out" / "a.mp4",
+    assert jobs[0] == Job(1, refs / "alice.png", poses / "walk.npz", tmp_path / "out" / "a.mp4",
                           (("seed", 7), ("steps", 2)))
     assert jobs[1].overrides == () and jobs[1].output.name == "alice__bob.mp4"
     (tmp_path / "jobs.yaml").write_text(f"jobs:\n  - {{ref: {refs / 'bob.png'}, pose: poses/walk.npz, "
@@ -107,7 +110,7 @@ def test_split_keeps_each_clip_in_one_process_and_covers_every_job_once():
     clips = ["a"] * 5 + ["b"] * 2 + ["c"] * 2 + ["d"]
     jobs = [Job(i, Path(f"r{i}.png"), Path(f"{clip}.mp4"), Path(f"o{i}.mp4")) for i, clip in enumerate(clips)]
     shares = split_jobs(jobs, 2)
-    assert sorted(j.index for share in shares for j in share) == list(range(10))
+    assert sorted(j.number for share in shares for j in share) == list(range(10))
     assert [sorted({j.pose.stem for j in share}) for share in shares] == [["a"], ["b", "c", "d"]]
     assert split_jobs(jobs, 2) == shares  # deterministic: every process computes the same split
     assert split_jobs(jobs, 1) == [jobs]
@@ -118,9 +121,9 @@ def test_run_jobs_records_failures_and_goes_on(tmp_path):
     jobs[1].output.write_bytes(b"finished earlier")
 
     def run_one(job):
-        if job.index == 2:
+        if job.number == 2:
             raise RuntimeError("CUDA error: device-side assert")
-        return 10 + job.index
+        return 10 + job.number
 
     records = run_jobs(jobs, run_one, failed_inputs={jobs[3].pose: "p3.mp4: not a readable video"}, progress=False)
     assert [(r.status, r.frames, r.error) for r in records] == [
@@ -130,15 +133,15 @@ def test_run_jobs_records_failures_and_goes_on(tmp_path):
 
 
 def test_reports_merged_and_table(tmp_path):
-    write_json(part_report(tmp_path, 1, 2), [{"job": 1, "ref": "r", "pose": "p", "output": "/o/b.mp4",
+    write_json(part_report(tmp_path, 1, 2), [{"job": 2, "ref": "r", "pose": "p", "output": "/o/b.mp4",
                                                "status": "failed", "error": "bad", "frames": None, "seconds": 0.5,
                                                "process": 1}])
-    write_json(part_report(tmp_path, 0, 2), [{"job": 0, "ref": "r", "pose": "p", "output": "/o/a.mp4",
+    write_json(part_report(tmp_path, 0, 2), [{"job": 1, "ref": "r", "pose": "p", "output": "/o/a.mp4",
                                                "status": "done", "error": None, "frames": 12, "seconds": 3.25,
                                                "process": 0}])
     report = merge_reports(tmp_path, 2, 4.0)
     assert report["summary"] == {"jobs": 2, "done": 1, "skipped": 0, "failed": 1, "processes": 2, "seconds": 4.0}
-    assert [r["job"] for r in report["jobs"]] == [0, 1]
+    assert [r["job"] for r in report["jobs"]] == [1, 2]  # numbered as the table numbers them
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # parts removed
     assert format_table(report["jobs"]).splitlines() == [
@@ -243,7 +246,7 @@ def test_two_processes_do_each_job_once_and_merge_one_report(folders, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["summary"]["processes"] == 2 and report["summary"]["done"] == 6
-    assert sorted(r["job"] for r in report["jobs"]) == list(range(6))
+    assert sorted(r["job"] for r in report["jobs"]) == list(range(1, 7))
     by_process = {}
     for record in report["jobs"]:
         by_process.setdefault(record["process"], set()).add(Path(record["pose"]).name)
