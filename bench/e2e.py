@@ -34,8 +34,8 @@ def child(mode: str, args) -> dict:
 
     from bench.fullsize import full_components, published_settings
     from svd_animate.animate import place_pipeline
-    from svd_controlnext.decode import iter_decoded_frames
     from svd_animate.memory import decode_chunk_for, free_memory
+    from svd_controlnext.decode import iter_decoded_frames
     from svd_controlnext.pipeline import ControlNeXtSVDPipeline
 
     device = torch.device(args.device)

@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fullsize import full_components, published_settings  # noqa: E402
-from svd_controlnext.decode import iter_decoded_chunks  # noqa: E402
 from svd_animate.memory import decode_chunk_for  # noqa: E402
+from svd_controlnext.decode import iter_decoded_chunks  # noqa: E402
 from svd_controlnext.pipeline import ControlNeXtSVDPipeline  # noqa: E402
 
 GIB = 2**30

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from svd_common.errors import InvalidValue, NoPersonError
+
 from .skeleton import PoseSequence
 
 VISIBLE = 0.3

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from svd_common.cache_dirs import pose_cache_dir
 from svd_common.errors import InputError
+
 from .skeleton import FORMAT_VERSION, PoseSequence
 
 logger = logging.getLogger(__name__)

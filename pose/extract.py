@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from svd_common.errors import InputError, NoPersonError
+from svd_common.video import iter_frames, probe_video, read_image
+
 from .align import VISIBLE, align
 from .cache import PoseCache, cache_key, file_digest
 from .detect.base import PoseDetector
-from svd_common.errors import InputError, NoPersonError
 from .skeleton import ARRAY_SHAPES, PoseSequence
-from svd_common.video import iter_frames, probe_video, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +94,18 @@ def extract_video(
         hit = cache.get(key)
         if hit is not None:
             logger.info("%s: poses from cache (%s)", video, cache.path(key))
+            warn_about_the_dancer(video, hit)
             return Extraction(hit, True, cache.path(key))
 
     detector.reset()
-    frames, indices = [], []
+    frames, indices, crowded = [], [], 0
     expected = expected_count(info, settings)
     bar = tqdm(total=expected, desc=f"poses {video.name}", unit="frame", disable=not progress, leave=False)
     try:
         for index, rgb in iter_frames(video, settings.stride, settings.max_frames, settings.start, settings.end):
             frames.append(detector.detect(rgb))
             indices.append(index)
+            crowded += (detector.people_seen or 0) > 1
             bar.update(1)
     finally:
         bar.close()
@@ -116,11 +119,34 @@ def extract_video(
                        len(frames), "interpolated" if settings.fill == "interpolate" else "held")
     fps = info.fps / settings.stride
     meta = {"source": video.name, "detector": detector.name, "detector_settings": detector.settings(),
-            "source_fps": info.fps, "stride": settings.stride}
+            "source_fps": info.fps, "stride": settings.stride, "frames_with_others": crowded}
     poses = PoseSequence.stack(filled_frames, info.width, info.height, fps,
                                frame_index=np.array(indices), filled=filled, meta=meta)
+    warn_about_the_dancer(video, poses)
     cache_path = cache.put(key, poses) if cache is not None else None
     return Extraction(poses, False, cache_path)
+
+
+def partly_out_of_frame(poses: PoseSequence, threshold: float = VISIBLE) -> np.ndarray:
+    """Frames where the followed dancer shows fewer than half the body points they usually show (the median
+    over the clip): leaving the frame, or hidden. Frames with nobody found are reported apart (filled)."""
+    visible = (poses.body_score > threshold).sum(axis=1)
+    found = ~poses.filled
+    typical = np.median(visible[found]) if found.any() else 0
+    return (visible < typical / 2) & found
+
+
+def warn_about_the_dancer(video, poses: PoseSequence) -> None:
+    """What makes the driving poses less trustworthy without stopping the run, said once per extraction:
+    another person in the frame (the first dancer is followed), the dancer partly leaving it."""
+    others = poses.meta.get("frames_with_others", 0)
+    if others:
+        logger.warning("%s: another person is in %d of %d frames; the dancer who is largest at the start is "
+                       "followed", video, others, len(poses))
+    leaving = np.flatnonzero(partly_out_of_frame(poses))
+    if len(leaving):
+        logger.warning("%s: the dancer is partly out of the frame in %d of %d frames (from frame %d): the pose "
+                       "control is weaker there", video, len(leaving), len(poses), int(poses.frame_index[leaving[0]]))
 
 
 def extract_aligned(video, detector: PoseDetector, settings: ExtractSettings, cache: PoseCache | None,
@@ -158,6 +184,9 @@ def detect_reference(image_path, detector: PoseDetector, image: np.ndarray | Non
             f"{image_path}: no person found in the reference image; stylised characters often defeat pose "
             "detectors: use --align none to skip alignment"
         )
+    if (detector.people_seen or 0) > 1:
+        logger.warning("%s: %d people in the reference image; the largest is taken as the character (crop the "
+                       "image to choose another)", image_path, detector.people_seen)
     height, width = image.shape[:2]
     seq = PoseSequence.stack([pose], width, height, fps=1.0, meta={"source": Path(image_path).name})
     return seq, image

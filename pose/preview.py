@@ -8,10 +8,11 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
+from svd_common.video import VideoWriter, iter_frames
+
 from .extract import ExtractSettings
 from .render import draw_pose
 from .skeleton import PoseSequence
-from svd_common.video import VideoWriter, iter_frames
 
 PREVIEW_HEIGHT = 640
 REFERENCE_GAIN = 0.45

@@ -24,15 +24,15 @@ from pose.align import VISIBLE
 from pose.cache import PoseCache
 from pose.detect import load_detector
 from pose.detect.base import PoseDetector
-from svd_common.errors import InputError, UserError, WeightsError
 from pose.extract import ExtractSettings, detect_reference, expected_count, extract_aligned
 from pose.render import render_sequence
 from pose.skeleton import PoseSequence
-from svd_common.video import (AudioClip, VideoWriter, check_output_container, check_writable, has_audio,
-                               is_image_path, probe_video, read_image)
+from svd_common.errors import InputError, UserError, WeightsError
+from svd_common.video import (AudioClip, VideoWriter, check_output_container, check_writable, has_audio, is_image_path,
+                              probe_video, read_image)
+from svd_controlnext.decode import iter_decoded_frames
 
 from .config import LOAD_KEYS, OFFLOAD_MODES, TINY, AnimateConfig
-from svd_controlnext.decode import iter_decoded_frames
 from .framing import crop_poses, crop_reference, crop_reference_published
 from .memory import DEFAULT_DECODE_CHUNK, check_frames_fit, decode_chunk_for, free_memory
 
@@ -86,9 +86,8 @@ def load_published_pipeline(config: AnimateConfig, weights: Path | None, dtype: 
     """Base model + fine-tuned UNet + control encoder, as `run_controlnext.py` assembles them: the base's
     pretrained UNet with `unet.bin` loaded over it (`strict=False`), the encoder from `controlnet.bin`.
     `--weights DIR` (from `convert` or training) replaces both with its pose_encoder/ and unet/."""
-    from svd_controlnext.pipeline import ControlNeXtSVDPipeline
     from svd_common.hub import hub_local_only
-
+    from svd_controlnext.pipeline import ControlNeXtSVDPipeline
     from svd_controlnext.weights import hub_error_message, load_pose_encoder, load_unet
 
     control = weights or config.control_weights

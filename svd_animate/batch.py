@@ -24,9 +24,9 @@ from typing import Callable
 import yaml
 from tqdm import tqdm
 
+from pose.skeleton import PoseSequence
 from svd_common.atomic import write_json
 from svd_common.errors import InputError, UserError
-from pose.skeleton import PoseSequence
 from svd_common.video import IMAGE_SUFFIXES, check_output_container, probe_video, read_image
 
 from .config import AnimateConfig, expand_shortcuts, parse_value, per_job_fields

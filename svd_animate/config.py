@@ -19,9 +19,7 @@ import yaml
 from pose.align import ALIGN_METHODS
 from pose.detect import DETECTORS
 from svd_common.errors import InputError
-
 from svd_controlnext.windows import FUSION_MODES
-
 
 
 def _presets_dir() -> Path:

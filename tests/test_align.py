@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from pose.align import align, align_bones, apply_linear, bone_ratios, fit_linear, retarget_bones
-from svd_common.errors import NoPersonError
 from pose.skeleton import PoseSequence
+from svd_common.errors import NoPersonError
 from tests.helpers import make_pose
 
 BASE = {

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from svd_animate import cli
-from svd_common.errors import InputError
 from pose.skeleton import PoseSequence
-from svd_animate.framing import cover_crop, crop_poses
+from svd_animate import cli
 from svd_animate.config import AnimateConfig, load_preset
+from svd_animate.framing import cover_crop, crop_poses
+from svd_common.errors import InputError
 from tests.helpers import make_pose
 
 

@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from svd_animate import cli
-from svd_common.errors import InputError
 from pose.skeleton import PoseSequence
-from svd_animate.batch import (Job, format_table, jobs_from_folders, jobs_from_manifest, job_overrides,
-                                   merge_reports, part_report, remove_leftovers, run_jobs, split_jobs, write_json)
+from svd_animate import cli
+from svd_animate.batch import (Job, format_table, job_overrides, jobs_from_folders, jobs_from_manifest, merge_reports,
+                               part_report, remove_leftovers, run_jobs, split_jobs, write_json)
+from svd_common.errors import InputError
 from tests.helpers import make_pose
 
 ROOT = Path(__file__).resolve().parents[1]

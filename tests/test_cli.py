@@ -5,8 +5,8 @@ import av
 import numpy as np
 import pytest
 
-from svd_animate import cli
 from pose.skeleton import PoseSequence
+from svd_animate import cli
 from tests.helpers import square_frames, write_clip
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -5,10 +5,9 @@ import dataclasses
 
 import pytest
 
-from svd_animate import cli
-from svd_common.errors import InputError
-from svd_animate import batch
+from svd_animate import batch, cli
 from svd_animate.config import LOAD_KEYS, AnimateConfig, expand_shortcuts, load_preset, per_job_fields
+from svd_common.errors import InputError
 
 
 @pytest.mark.parametrize("text, message", [

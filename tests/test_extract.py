@@ -5,9 +5,9 @@ import pytest
 
 from pose.cache import PoseCache, cache_key
 from pose.detect.base import PoseDetector
-from svd_common.errors import NoPersonError
 from pose.extract import ExtractSettings, extract_video, fill_gaps
 from pose.skeleton import PoseSequence
+from svd_common.errors import NoPersonError
 from tests.helpers import make_pose, square_frames, write_clip
 
 
@@ -147,3 +147,49 @@ def test_concurrent_writers_never_corrupt(tmp_path):
     entry = PoseCache(tmp_path).path("k" * 64)
     assert PoseSequence.load(entry).num_frames == 200
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary files left
+
+
+def test_partly_out_of_frame_compares_with_the_clips_usual_count():
+    from pose.extract import partly_out_of_frame
+
+    whole = make_pose({j: (0.5, 0.05 * j) for j in range(18)})  # 18 body points visible
+    leaving = make_pose({j: (0.95, 0.05 * j) for j in range(4)})  # 4 of them: under half the median (18)
+    seq = PoseSequence.stack([whole, whole, leaving, whole, whole], 64, 64, fps=5,
+                             filled=np.array([False, False, False, False, True]))
+    seq.body_score[4] = 0  # a filled frame is reported apart, not as leaving
+    assert partly_out_of_frame(seq).tolist() == [False, False, True, False, False]
+    sparse = PoseSequence.stack([make_pose({0: (0.1, 0.1)})] * 3, 64, 64, fps=5)  # a detector with one point
+    assert not partly_out_of_frame(sparse).any()
+
+
+class CrowdDetector(SquareDetector):
+    """The square, with a second person counted in the frames given."""
+
+    def __init__(self, crowded_calls=()):
+        super().__init__()
+        self.crowded_calls = set(crowded_calls)
+
+    def detect(self, image):
+        pose = super().detect(image)
+        self.people_seen = 2 if self.calls in self.crowded_calls else 1
+        return pose
+
+
+def test_a_second_person_is_named_in_the_video_and_in_the_reference(tmp_path, caplog):
+    from pose.extract import detect_reference
+
+    clip = write_clip(tmp_path / "clip.mp4", square_frames(6), fps=10)
+    cache = PoseCache(tmp_path / "cache")
+    with caplog.at_level("WARNING", logger="pose.extract"):
+        extract_video(clip, CrowdDetector({2, 3}), ExtractSettings(), cache, progress=False)
+        extract_video(clip, CrowdDetector(), ExtractSettings(), cache, progress=False)  # a cache hit says it again
+    message = f"{clip}: another person is in 2 of 6 frames; the dancer who is largest at the start is followed"
+    assert [r.getMessage() for r in caplog.records] == [message, message]
+    caplog.clear()
+    frame = square_frames(1)[0]
+    with caplog.at_level("WARNING", logger="pose.extract"):
+        detect_reference("ref.png", CrowdDetector({1}), frame)
+        detect_reference("ref.png", CrowdDetector(), frame)
+    assert [r.getMessage() for r in caplog.records] == [
+        "ref.png: 2 people in the reference image; the largest is taken as the character (crop the image to choose "
+        "another)"]

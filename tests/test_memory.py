@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from svd_common.errors import ResourceError
 from svd_animate.memory import FrameCost, check_frames_fit, frame_cost, max_frames_that_fit
+from svd_common.errors import ResourceError
 
 
 def test_frame_cost_hand_computed():

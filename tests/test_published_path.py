@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from pose.detect.base import PoseDetector
-from svd_common.errors import InputError, WeightsError
 from pose.skeleton import PoseSequence
 from svd_animate.animate import AnimateConfig, driving_frames_cap, driving_poses, load_reference, output_fps
 from svd_animate.config import load_preset, with_published_sampling
 from svd_animate.framing import crop_reference, crop_reference_published, published_cover_size
+from svd_common.errors import InputError, WeightsError
 from svd_controlnext.windows import fusion_weights, plan_windows
 from tests.helpers import make_pose, square_frames, write_clip
 
@@ -191,8 +191,8 @@ def test_preset_loads_base_plus_unet_bin_plus_control_weights(tmp_path, caplog):
 
 
 def test_a_gated_base_model_is_one_line(tmp_path, monkeypatch):
-    from svd_controlnext import weights
     from svd_animate.animate import load_pipeline
+    from svd_controlnext import weights
     from svd_controlnext.pipeline import ControlNeXtSVDPipeline
     from svd_controlnext.tiny import tiny_pose_encoder, tiny_unet
     from tests.test_weights_hub import hub_error

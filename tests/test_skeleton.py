@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from svd_common.errors import InputError
 from pose.skeleton import PoseSequence
+from svd_common.errors import InputError
 
 
 def random_sequence(t=5, seed=0):

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from svd_common.errors import InputError
-from svd_common.video import (VIDEO_OUTPUT_SUFFIXES, AudioClip, VideoWriter, check_output_container,
-                              remove_stale_parts)
+from svd_common.video import VIDEO_OUTPUT_SUFFIXES, AudioClip, VideoWriter, check_output_container, remove_stale_parts
 from tests.helpers import read_audio, square_frames, write_clip
 
 M_PERTURB = -6  # glibc mallopt parameter

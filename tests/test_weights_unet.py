@@ -11,12 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from svd_common.cache_dirs import weights_cache_dir
 from svd_common.errors import WeightsError
 from svd_controlnext.encoder import PoseEncoder
 from svd_controlnext.tiny import tiny_unet
-from svd_common.cache_dirs import weights_cache_dir
-from svd_controlnext.weights import (convert, load_unet, source_key,
-                                     write_safetensors)
+from svd_controlnext.weights import convert, load_unet, source_key, write_safetensors
 from tests.test_weights import Payload
 
 # Randomly initialised tensors, so base, checkpoint and a fresh model all differ there.

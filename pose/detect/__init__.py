@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from svd_common.errors import InputError
+
 from .base import PoseDetector
 
 logger = logging.getLogger(__name__)

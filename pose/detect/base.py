@@ -23,6 +23,7 @@ class PoseDetector(abc.ABC):
     """
 
     name: str = "base"
+    people_seen: int | None = None  # people found by the last `detect` (None: the backend sees one person only)
 
     @abc.abstractmethod
     def settings(self) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 
 from svd_common.errors import InputError, WeightsError
 from svd_common.hub import hub_endpoint, hub_offline, hub_reachable
+
 from .base import PoseDetector, choose_box, empty_pose
 
 logger = logging.getLogger(__name__)
@@ -273,6 +274,7 @@ class DWPoseDetector(PoseDetector):
 
     def detect(self, image: np.ndarray):
         boxes, _ = self.detect_boxes(image)
+        self.people_seen = len(boxes)
         chosen = choose_box(boxes, self._previous_box)
         if chosen is None:
             return None

@@ -20,6 +20,7 @@ import warnings
 import numpy as np
 
 from svd_common.errors import InputError
+
 from .base import PoseDetector, empty_pose
 
 # OpenPose-18 index <- MediaPipe pose-33 index (None: neck, the mean of the shoulders 11 and 12).
