@@ -84,8 +84,9 @@ def test_guidance_batch_gets_control_on_the_conditional_half_only(unet):
     with inject_control(unet, control):
         cond_only = unet(**single).sample
         both = unet(**doubled).sample
-    torch.testing.assert_close(both[:1], plain, rtol=1e-5, atol=1e-5)  # unconditional half untouched
-    torch.testing.assert_close(both[1:], cond_only, rtol=1e-5, atol=1e-5)
+    scale = plain.abs().max().item()  # a batch of 2 may take other kernels: tolerances scale with the values
+    torch.testing.assert_close(both[:1], plain, rtol=1e-5, atol=1e-5 * scale)  # unconditional half untouched
+    torch.testing.assert_close(both[1:], cond_only, rtol=1e-5, atol=1e-5 * scale)
 
 
 @torch.no_grad()

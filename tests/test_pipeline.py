@@ -120,7 +120,7 @@ def test_model_cpu_offload_gives_the_same_frames(components):
     finally:
         pipe.remove_all_hooks()
     assert pipe.control_calls == STEPS
-    torch.testing.assert_close(offloaded, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(offloaded, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
 
 
 def test_sequential_offload_gives_the_same_frames(components):
@@ -138,7 +138,7 @@ def test_sequential_offload_gives_the_same_frames(components):
     assert {p.device.type for p in pipe.unet.parameters()} == {"meta"}
     offloaded = pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent")).frames
     assert pipe.control_calls == STEPS
-    torch.testing.assert_close(offloaded, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(offloaded, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
 
 
 def test_compiled_unet_has_no_graph_break_and_no_recompile():
@@ -157,7 +157,7 @@ def test_compiled_unet_has_no_graph_break_and_no_recompile():
     compiled = pipe(reference_image(), pose_frames(6), **kwargs).frames
     assert pipe.control_calls == STEPS * 2
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
     torch._dynamo.reset()
 
 
@@ -212,7 +212,7 @@ def test_feed_forward_chunking_gives_the_same_frames(components):
     assert len(chunked) >= 2  # spatial and temporal transformer blocks
     kwargs["generator"] = torch.Generator().manual_seed(0)
     latents = pipe(reference_image(), pose_frames(6), **kwargs).frames
-    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize("max_guidance, unet_batch", [(1.0, 1), (2.5, 2)])
