@@ -1,4 +1,4 @@
-"""The main job: reference image + driving video (or PoseSequence) -> animated mp4.
+"""The main job: reference image + driving video (or PoseSequence) -> animated video.
 
 Steps: reference framed to H x W (`framing.py`) and its pose detected -> driving poses (cache, alignment)
 mapped into the output frame -> skeleton frames -> pipeline (latents) -> streamed chunked decoding into
