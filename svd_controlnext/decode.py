@@ -38,12 +38,3 @@ def iter_decoded_frames(vae, latents: torch.Tensor, chunk_size: int = 8, progres
     """The frames of `iter_decoded_chunks` as RGB uint8 arrays (H, W, 3) in host memory, one at a time."""
     for frames in iter_decoded_chunks(vae, latents, chunk_size, progress):
         yield from frames.cpu().numpy()
-
-
-def decode_to_writer(vae, latents: torch.Tensor, writer, chunk_size: int = 8, progress: bool = False) -> int:
-    """Decode straight into a `VideoWriter`-like object (anything with `.write(frame)`); returns the count."""
-    count = 0
-    for frame in iter_decoded_frames(vae, latents, chunk_size, progress):
-        writer.write(frame)
-        count += 1
-    return count

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from diffusers import StableVideoDiffusionPipeline
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
-    StableVideoDiffusionPipelineOutput, _append_dims, retrieve_timesteps)
+    StableVideoDiffusionPipelineOutput, retrieve_timesteps)
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -157,7 +157,7 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         weights = [torch.as_tensor(w, device=device, dtype=fusion_dtype).view(1, -1, 1, 1, 1)
                    for w in fusion_weights(windows, num_frames, fusion, drop_first=reference_pose_in_every_window)]
         guidance = torch.linspace(min_guidance_scale, max_guidance_scale, length, device=device, dtype=latents.dtype)
-        self._guidance_scale = _append_dims(guidance.unsqueeze(0), latents.ndim)
+        self._guidance_scale = guidance.view(1, length, *[1] * (latents.ndim - 2))  # per frame, broadcast
         window_image_latents = image_latents.unsqueeze(1).repeat(1, length, 1, 1, 1)
         injector = self._control_injector()
         self.control_calls = self.control_frames = 0

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from svd_common.video import VideoWriter, probe_video
-from svd_controlnext.decode import decode_to_writer, iter_decoded_frames
+from svd_controlnext.decode import iter_decoded_frames
 from svd_controlnext.pipeline import ControlNeXtSVDPipeline
 from svd_controlnext.tiny import tiny_components
 
@@ -52,7 +52,8 @@ def test_generator_is_lazy(pipe):
 
 def test_decode_into_video_file(pipe, tmp_path):
     with VideoWriter(tmp_path / "out.mp4", fps=7) as writer:
-        assert decode_to_writer(pipe.vae, latents(5), writer, chunk_size=2) == 5
+        for frame in iter_decoded_frames(pipe.vae, latents(5), chunk_size=2):
+            writer.write(frame)
     info = probe_video(tmp_path / "out.mp4")
     assert (info.width, info.height, info.num_frames) == (32, 32, 5)
 
