@@ -13,6 +13,7 @@ pipeline computes.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import numpy as np
@@ -23,8 +24,10 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from .deep_cache import DeepCache
 from .encoder import PoseEncoder
 from .injection import ControlInjector
+from .schedules import guidance_applies
 from .windows import fusion_weights, plan_windows
 
 
@@ -41,6 +44,8 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         self._do_classifier_free_guidance = True
         self.control_calls = 0  # pose-encoder calls of the last run (at most one per step and window)
         self.control_frames = 0  # frames those calls encoded
+        self.guided_steps = 0  # steps of the last run that ran the unconditional half too
+        self.cached_calls = 0  # UNet calls of the last run that reused deep features (DeepCache)
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -102,6 +107,8 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         window_overlap: int = 0,
         fusion: str = "ramp",
         reference_pose_in_every_window: bool = False,
+        guidance_interval: tuple[float, float] | None = None,
+        cache_interval: int = 1,
         decode_chunk_size: int | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
@@ -111,7 +118,11 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         return_dict: bool = True,
     ):
         """`reference_pose_in_every_window` reproduces the published quirk: pose frame 0 (the reference's
-        pose) is fed at position 0 of every window, and those slots get no fusion weight."""
+        pose) is fed at position 0 of every window, and those slots get no fusion weight.
+        `guidance_interval=(low, high)`: classifier-free guidance only for σ in (low, high], the conditional half
+        alone elsewhere (limited-interval guidance). `cache_interval=N`: DeepCache, the deep UNet blocks
+        recomputed every N steps only (1: every step, exact). Any diffusers scheduler set as `self.scheduler`
+        works: the windows' predictions are fused and the scheduler steps once per step on the whole video."""
         # 1. Check inputs
         self.check_inputs(image, height, width)
         device = self._execution_device
@@ -158,36 +169,45 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
                    for w in fusion_weights(windows, num_frames, fusion, drop_first=reference_pose_in_every_window)]
         guidance = torch.linspace(min_guidance_scale, max_guidance_scale, length, device=device, dtype=latents.dtype)
         self._guidance_scale = guidance.view(1, length, *[1] * (latents.ndim - 2))  # per frame, broadcast
-        window_image_latents = image_latents.unsqueeze(1).repeat(1, length, 1, 1, 1)
+        conditions = self._conditions(image_embeddings, image_latents, added_time_ids, length)
         injector = self._control_injector()
-        self.control_calls = self.control_frames = 0
+        deep_cache = DeepCache(self.unet, cache_interval).attach() if cache_interval > 1 else None
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        self.control_calls = self.control_frames = self.guided_steps = self.cached_calls = 0
 
-        # 5. Denoising loop: every window steps from the same sigma, then the windows are fused
+        # 5. Denoising loop: each window's guided prediction, fused over the windows; one scheduler step per step
+        # (for Euler, affine in the prediction, the same as stepping each window and fusing the latents)
         self._num_timesteps = len(timesteps)
         try:
             with self.progress_bar(total=len(timesteps) * len(windows)) as progress_bar:
                 for i, t in enumerate(timesteps):
-                    fused = torch.zeros_like(latents, dtype=fusion_dtype)
+                    guided = self.do_classifier_free_guidance and guidance_applies(
+                        float(self.scheduler.sigmas[i]), guidance_interval)
+                    self.guided_steps += guided
+                    embeddings, window_image_latents, time_ids = conditions[guided]
+                    scaled = self.scheduler.scale_model_input(latents, t)
+                    prediction = torch.zeros_like(latents, dtype=fusion_dtype)
                     previous = {}  # this step's control features of the previous window, by frame
-                    for (start, end), weight in zip(windows, weights):
-                        self.scheduler._step_index = i  # each window takes the same step
+                    for index, ((start, end), weight) in enumerate(zip(windows, weights)):
+                        window = scaled[:, start:end]
+                        cached = deep_cache is not None and deep_cache.prepare(index, i, (1 + guided) * length)
                         if injector is not None:
-                            control, previous = self._window_control(poses, start, end, t,
-                                                                     reference_pose_in_every_window, previous)
+                            control = None
+                            if not cached:  # (a cached step skips every block the control reaches)
+                                control, previous = self._window_control(poses, start, end, t,
+                                                                         reference_pose_in_every_window, previous)
                             injector.set(control, control_scale)
-                        window = latents[:, start:end]
-                        model_input = torch.cat([window] * 2) if self.do_classifier_free_guidance else window
-                        model_input = self.scheduler.scale_model_input(model_input, t)
+                        model_input = torch.cat([window] * 2) if guided else window
                         model_input = torch.cat([model_input, window_image_latents], dim=2)
-                        noise_pred = self.unet(model_input, t, encoder_hidden_states=image_embeddings,
-                                               added_time_ids=added_time_ids, return_dict=False)[0]
-                        if self.do_classifier_free_guidance:
+                        noise_pred = self.unet(model_input, t, encoder_hidden_states=embeddings,
+                                               added_time_ids=time_ids, return_dict=False)[0]
+                        if guided:
                             uncond, cond = noise_pred.chunk(2)
                             noise_pred = uncond + self.guidance_scale * (cond - uncond)
-                        stepped = self.scheduler.step(noise_pred, t, window).prev_sample
-                        fused[:, start:end] += weight * stepped.to(fusion_dtype)
+                        prediction[:, start:end] += weight * noise_pred.to(fusion_dtype)
                         progress_bar.update()
-                    latents = fused.to(latents.dtype)
+                    latents = self.scheduler.step(prediction, t, latents.to(fusion_dtype), **step_kwargs
+                                                  ).prev_sample.to(latents.dtype)
                     if callback_on_step_end is not None:
                         values = {"latents": latents, "image_latents": image_latents}
                         outputs = callback_on_step_end(self, i, t, {k: values[k] for k in callback_on_step_end_tensor_inputs})
@@ -195,6 +215,9 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         finally:
             if injector is not None:
                 injector.clear()
+            if deep_cache is not None:
+                self.cached_calls = deep_cache.cached_steps
+                deep_cache.detach()
 
         # 6. Decode
         if output_type == "latent":
@@ -208,6 +231,17 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         if not return_dict:
             return frames
         return StableVideoDiffusionPipelineOutput(frames=frames)
+
+    def _conditions(self, image_embeddings, image_latents, added_time_ids, length: int) -> dict[bool, tuple]:
+        """What conditions the UNet, by whether the step is guided: the doubled batch [unconditional, conditional]
+        prepared for guidance, or its conditional half alone (limited-interval guidance; no guidance at all)."""
+        def window(latents):
+            return latents.unsqueeze(1).repeat(1, length, 1, 1, 1)
+
+        guided = (image_embeddings, window(image_latents), added_time_ids)
+        if not self.do_classifier_free_guidance:
+            return {False: guided}
+        return {True: guided, False: tuple(tensor[-1:] for tensor in guided)}
 
     def _window_control(self, poses, start, end, t, reference_first, previous):
         """The window's control features, and them by frame for the next window. Without temporal

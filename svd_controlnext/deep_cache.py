@@ -1,0 +1,108 @@
+"""DeepCache for the SVD UNet (Ma, Fang and Wang, CVPR 2024): on most steps recompute only the shallowest blocks and
+reuse the deep features of the last full step, through diffusers' hooks (the UNet's forward is not copied).
+
+The deep features change little between neighbouring steps. A full step runs every block and keeps the output of
+the second-to-last up block; a cached step runs `conv_in`, `down_blocks[0]`, the last up block and `conv_out` on
+that kept feature, while the blocks in between return placeholders without computing. The split is the one the
+UNet's skip connections allow at block level: the last up block takes its skips from `conv_in` and `down_blocks[0]`,
+which always run. On the full-size SVD-XT UNet a cached step costs about 31% of a full one (FLOPs).
+
+None of diffusers' own cache hooks fits this UNet (FirstBlockCache, MagCache, TaylorSeer and FasterCache look for
+transformer blocks; pyramid attention broadcast caches attention outputs only), so the hooks are ours, on
+diffusers' `ModelHook` / `HookRegistry`.
+
+The control enters at `down_blocks[0]`'s output (or the mid block's input), whose only consumer is a block skipped on
+cached steps: there the control acts through the kept deep feature of the last full step only, so the pose
+encoder need not run on cached steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+HOOK_NAME = "svd_animate_deep_cache"
+
+
+class DeepCache:
+    """Per-call state: which window the next UNet call is for, and whether it may reuse that window's feature.
+    Features are kept per window (windows hold different frames)."""
+
+    def __init__(self, unet, interval: int):
+        if interval < 1:
+            raise ValueError(f"cache interval must be at least 1, got {interval}")
+        self.unet = unet
+        self.interval = interval
+        self.features: dict[object, torch.Tensor] = {}
+        self.reuse = False
+        self.key = None
+        self.rows = 0
+        self.cached_steps = 0
+
+    def is_full_step(self, step: int) -> bool:
+        return step % self.interval == 0
+
+    def prepare(self, key, step: int, rows: int) -> bool:
+        """Before the UNet call for window `key` at `step` on a batch of `rows` (batch x frames): reuse the kept
+        feature when the step is not a full one and the feature covers these rows (a guided full step's feature
+        serves an unguided step through its conditional half; the other way round needs a full step). Returns
+        whether this call is cached."""
+        kept = self.features.get(key)
+        self.key, self.rows = key, rows
+        self.reuse = (not self.is_full_step(step) and kept is not None and kept.shape[0] in (rows, 2 * rows))
+        self.cached_steps += self.reuse
+        return self.reuse
+
+    def kept_feature(self) -> torch.Tensor:
+        kept = self.features[self.key]
+        return kept if kept.shape[0] == self.rows else kept[self.rows:]  # rows are [unconditional, conditional]
+
+    def attach(self) -> "DeepCache":
+        blocks = self.unet.down_blocks, self.unet.up_blocks
+        for block in blocks[0][1:]:
+            skips = len(block.resnets) + (1 if getattr(block, "downsamplers", None) else 0)
+            _register(block, _Skip(self, skips))
+        _register(self.unet.mid_block, _Skip(self, None))
+        for block in blocks[1][:-2]:
+            _register(block, _Skip(self, None))
+        _register(blocks[1][-2], _Keep(self))
+        return self
+
+    def detach(self) -> None:
+        HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(HOOK_NAME, recurse=True)
+        self.features.clear()
+
+
+def _register(module, hook: ModelHook) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+
+
+class _Skip(ModelHook):
+    """A deep block: computes on full steps; on cached steps returns its input as a placeholder of the shape the
+    UNet's forward expects (a down block: the hidden state and one skip per resnet and downsampler, which only
+    skipped up blocks consume)."""
+
+    def __init__(self, cache: DeepCache, skips: int | None):
+        super().__init__()
+        self.cache, self.skips = cache, skips
+
+    def new_forward(self, module, *args, **kwargs):
+        if not self.cache.reuse:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return hidden if self.skips is None else (hidden, (hidden,) * self.skips)
+
+
+class _Keep(ModelHook):
+    """The second-to-last up block: keeps its output on full steps, returns the kept one on cached steps."""
+
+    def __init__(self, cache: DeepCache):
+        super().__init__()
+        self.cache = cache
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.cache.reuse:
+            return self.cache.kept_feature()
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        self.cache.features[self.cache.key] = output
+        return output
