@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import secrets
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ from svd_common.errors import InputError, UserError, WeightsError
 from svd_common.video import (AudioClip, VideoWriter, check_output_container, check_writable, has_audio, is_image_path,
                               probe_video, read_image)
 from svd_controlnext.decode import iter_decoded_frames
+from svd_controlnext.schedules import ays_sigmas, make_scheduler
 
 from .config import LOAD_KEYS, OFFLOAD_MODES, TINY, AnimateConfig
 from .framing import crop_poses, crop_reference, crop_reference_published
@@ -355,6 +357,7 @@ class Animator:
     def pipeline(self):
         if self._pipe is None:
             self._pipe = load_pipeline(self.config, self.weights, self.device, self.dtype)
+            self._svd_scheduler = self._pipe.scheduler.config
             self._pipe.set_progress_bar_config(desc="sampling (steps x windows)", leave=False,
                                                disable=not self.progress)
         return self._pipe
@@ -425,6 +428,7 @@ class Animator:
             audio = audio_for(pose_input, poses)
 
         pipe = self.pipeline()
+        use_scheduler(pipe, config.scheduler, self._svd_scheduler)
         seed = config.seed if config.seed >= 0 else secrets.randbelow(2**31)  # -1: a new one, reported
         generator = torch.Generator(device="cpu").manual_seed(seed)
         try:
@@ -443,12 +447,25 @@ class Animator:
 
 
 def pipeline_arguments(config: AnimateConfig) -> dict:
-    """The `ControlNeXtSVDPipeline.__call__` arguments a config stands for."""
-    return dict(height=config.height, width=config.width, num_inference_steps=config.steps,
-                min_guidance_scale=config.min_guidance, max_guidance_scale=config.max_guidance, fps=config.fps_id,
-                motion_bucket_id=config.motion_bucket_id, noise_aug_strength=config.noise_aug_strength,
-                control_scale=config.control_scale, window_size=config.window, window_overlap=config.overlap,
-                fusion=config.fusion, reference_pose_in_every_window=config.reference_pose_in_every_window)
+    """The `ControlNeXtSVDPipeline.__call__` arguments a config stands for (its scheduler: `use_scheduler`)."""
+    steps = dict(num_inference_steps=config.steps)
+    if config.sigma_schedule == "ays":
+        steps = dict(num_inference_steps=None, sigmas=ays_sigmas(config.steps))
+    interval = None
+    if config.guidance_sigma_max is not None or config.guidance_sigma_min > 0:
+        interval = (config.guidance_sigma_min, math.inf if config.guidance_sigma_max is None
+                    else config.guidance_sigma_max)
+    return dict(height=config.height, width=config.width, **steps, min_guidance_scale=config.min_guidance,
+                max_guidance_scale=config.max_guidance, fps=config.fps_id, motion_bucket_id=config.motion_bucket_id,
+                noise_aug_strength=config.noise_aug_strength, control_scale=config.control_scale,
+                window_size=config.window, window_overlap=config.overlap, fusion=config.fusion,
+                reference_pose_in_every_window=config.reference_pose_in_every_window, guidance_interval=interval,
+                cache_interval=config.cache_interval)
+
+
+def use_scheduler(pipe, name: str, svd_config) -> None:
+    """The config's sampler on the pipeline, made fresh from SVD's scheduler configuration (each job its own)."""
+    pipe.scheduler = make_scheduler(name, svd_config)
 
 
 def animate(reference, pose_input, output, config: AnimateConfig, weights=None, device: str = "cpu",

@@ -19,6 +19,7 @@ import yaml
 from pose.align import ALIGN_METHODS
 from pose.detect import DETECTORS
 from svd_common.errors import InputError
+from svd_controlnext.schedules import SCHEDULERS, SIGMA_SCHEDULES
 from svd_controlnext.windows import FUSION_MODES
 
 
@@ -72,6 +73,17 @@ class AnimateConfig:
                                       "reference pose detected on the framed image, the alignment fitted on the "
                                       "whole video with every keypoint, floored fps, DWPose (see "
                                       "with_published_sampling)", flag=None)
+    scheduler: Literal[SCHEDULERS] = option("euler", "sampler: euler (SVD's), dpm++2m or dpm++2m-sde (EDM "
+                                            "DPM-Solver++ on SVD's noise range)", per_job=True)
+    sigma_schedule: Literal[SIGMA_SCHEDULES] = option("karras", "noise levels: karras (SVD's) or ays (Align Your "
+                                                      "Steps for SVD, made for 10 steps; euler only)", per_job=True)
+    guidance_sigma_min: float = option(0.0, "limited-interval guidance: guide only while the noise level is above "
+                                       "this ...", per_job=True, minimum=0)
+    guidance_sigma_max: float | None = option(None, "... and at most this (none: guide every step)", per_job=True,
+                                              minimum=0)
+    cache_interval: int = option(1, "DeepCache: the deep UNet blocks run every N steps, reused in between (1: every "
+                                    "step, exact)", per_job=True, minimum=1)
+    fast_sampling: bool = option(False, "the fast settings (see with_fast_sampling)", flag=None)
     stride: int = option(2, "use every N-th driving frame", per_job=True, minimum=1)
     fps: float | None = option(None, "output frame rate: the stride is chosen per clip to come closest to it "
                                      "(replaces --stride; a slower clip keeps every frame)", per_job=True,
@@ -102,6 +114,13 @@ class AnimateConfig:
         check_config(self)
         if self.overlap >= self.window:
             raise InputError(f"overlap ({self.overlap}) must be smaller than window ({self.window})")
+        if self.sigma_schedule == "ays" and self.scheduler != "euler":
+            raise InputError(f"sigma_schedule ays needs scheduler euler ({self.scheduler} makes its own noise levels)")
+        if self.guidance_sigma_max is not None and self.guidance_sigma_max <= self.guidance_sigma_min:
+            raise InputError(f"guidance_sigma_max ({self.guidance_sigma_max:g}) must be above guidance_sigma_min "
+                             f"({self.guidance_sigma_min:g})")
+        if self.fast_sampling and self.published_sampling:
+            raise InputError("the fast settings and the published sampling exclude each other")
 
     def replace(self, **changes) -> "AnimateConfig":
         """A copy with `changes`; a None value means "not given" and changes nothing."""
@@ -190,6 +209,20 @@ def with_published_sampling(config: AnimateConfig, explicit=()) -> AnimateConfig
     return dataclasses.replace(config, published_sampling=True, **changes)
 
 
+# `--fast`: each value from its authors' figures on SVD (README, "Fast sampling"). AYS: NVIDIA's schedule made for SVD
+# at 10 steps. Guidance for σ in (0.28, 5.42]: the interval the limited-interval guidance paper uses for SD-XL, whose
+# σ is SVD's (unit-variance latents); no interval was published for SVD. DeepCache every 2nd step: its authors ran
+# SVD-XT at 3 over 25 steps; over 10 steps, 2 keeps 5 full steps.
+FAST_SAMPLING = {"steps": 10, "sigma_schedule": "ays", "guidance_sigma_min": 0.28, "guidance_sigma_max": 5.42,
+                 "cache_interval": 2}
+
+
+def with_fast_sampling(config: AnimateConfig, explicit=()) -> AnimateConfig:
+    """The fast settings over `config`, except the fields named in `explicit` (`--fast --steps 12` keeps 12)."""
+    changes = {key: value for key, value in FAST_SAMPLING.items() if key not in explicit}
+    return dataclasses.replace(config, fast_sampling=True, **changes)
+
+
 def _check_type(name: str, value, annotation, where: str):
     """`value` against a resolved annotation: int, float, str, bool, list[str], Literal, and `X | None`."""
     options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, _UnionType) else (annotation,)
@@ -255,6 +288,11 @@ def load_preset(name_or_path: str) -> AnimateConfig:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise InputError(f"{name_or_path}: no such preset (built in: {known})")
-    values = read_yaml(path)
+    own = read_yaml(path)
+    base = own.pop("extends", None) if isinstance(own, dict) else None
+    # `extends: PRESET`: that preset's values, this file's over them
+    values = {**dataclasses.asdict(load_preset(str(base))), **own} if base is not None else own
     config = config_from_mapping(AnimateConfig, values, f"{path}")
-    return with_published_sampling(config, explicit=values) if config.published_sampling else config
+    if config.published_sampling:
+        config = with_published_sampling(config, explicit=own)
+    return with_fast_sampling(config, explicit=own) if config.fast_sampling else config

@@ -1,6 +1,8 @@
 """The fast-sampling pieces: prediction-space window fusion with one scheduler step, Align Your Steps sigmas, other
 diffusers schedulers, limited-interval guidance and DeepCache."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +167,71 @@ def test_deep_cache_in_the_pipeline_skips_the_encoder_on_cached_steps_and_detach
     assert torch.isfinite(cached).all() and 0 < difference.max() <= uncached.abs().max()
     _, every_step = run(components, cache_interval=1)
     assert torch.equal(every_step, uncached)
+
+
+# ---- the application: options, --fast, the fast preset --------------------------------------------------------
+
+def test_fast_preset_is_the_published_model_sampled_fast():
+    from svd_animate.config import FAST_SAMPLING, load_preset
+
+    fast, published = load_preset("fast"), load_preset("controlnext-svd-v2")
+    assert fast.fast_sampling and {key: getattr(fast, key) for key in FAST_SAMPLING} == FAST_SAMPLING
+    unchanged = {"base_model", "control_weights", "unet_weights", "width", "height", "window", "overlap", "stride",
+                 "motion_bucket_id", "fps_id", "min_guidance", "max_guidance"}
+    assert {key: getattr(fast, key) for key in unchanged} == {key: getattr(published, key) for key in unchanged}
+
+
+def test_fast_flag_keeps_explicit_flags_and_refuses_the_published_path(tmp_path, capsys):
+    from svd_animate import cli
+    from svd_animate.animate import pipeline_arguments
+
+    args = cli.build_parser().parse_args(["animate", "--ref", "r.png", "--pose", "p.mp4", "--fast", "--steps", "12"])
+    config = cli.config_from_args(args)
+    assert (config.steps, config.sigma_schedule, config.cache_interval) == (12, "ays", 2)
+    arguments = pipeline_arguments(config)
+    assert arguments["num_inference_steps"] is None and arguments["sigmas"] == ays_sigmas(12)
+    assert arguments["guidance_interval"] == (0.28, 5.42) and arguments["cache_interval"] == 2
+    every_step = dataclasses.replace(config, guidance_sigma_max=None, guidance_sigma_min=0.0)
+    assert pipeline_arguments(every_step)["guidance_interval"] is None
+    base = ["-q", "--ref", str(tmp_path / "r.png"), "--pose", str(tmp_path / "p.mp4"), "--preset", "tiny"]
+    for extra, message in [
+            (["--fast", "--published-sampling"], "the fast settings and the published sampling exclude each other"),
+            (["--sigma-schedule", "ays", "--scheduler", "dpm++2m"],
+             "sigma_schedule ays needs scheduler euler (dpm++2m makes its own noise levels)"),
+            (["--guidance-sigma-min", "2", "--guidance-sigma-max", "1"],
+             "guidance_sigma_max (1) must be above guidance_sigma_min (2)"),
+            (["--cache-interval", "0"], "cache_interval must be at least 1, got 0")]:
+        assert cli.main([*base, *extra]) == 2
+        assert capsys.readouterr().err == f"svd-animate: error: {message}\n"
+
+
+def test_fast_run_end_to_end_on_the_tiny_preset(tmp_path, capsys, monkeypatch):
+    """`--fast` reaches the pipeline: AYS sigmas, fewer guided steps, cached UNet calls, a DPM++ scheduler swap."""
+    import cv2
+
+    from pose.skeleton import PoseSequence
+    from svd_animate import cli
+    from svd_animate.animate import Animator
+    from tests.helpers import make_pose
+
+    ref = tmp_path / "ref.png"
+    cv2.imwrite(str(ref), np.full((64, 64, 3), 128, np.uint8))
+    poses = tmp_path / "poses.npz"
+    PoseSequence.stack([make_pose({0: (0.5, 0.3), 1: (0.5, 0.4)})] * 3, 64, 64, fps=5).save(poses)
+    seen = {}
+    original = Animator.pipeline
+
+    def spy(self):
+        pipe = original(self)
+        seen["pipe"] = pipe
+        return pipe
+
+    monkeypatch.setattr(Animator, "pipeline", spy)
+    common = ["-q", "--ref", ref, "--pose", poses, "--preset", "tiny", "-o"]
+    assert cli.main([*map(str, common), str(tmp_path / "fast.mp4"), "--fast", "--steps", "4"]) == 0
+    pipe = seen["pipe"]
+    assert len(pipe.scheduler.sigmas) == 5 and float(pipe.scheduler.sigmas[0]) == pytest.approx(700.0)
+    assert pipe.cached_calls == 2 and pipe.guided_steps < 4
+    assert cli.main([*map(str, common), str(tmp_path / "dpm.mp4"), "--scheduler", "dpm++2m-sde"]) == 0
+    assert type(seen["pipe"].scheduler).__name__ == "EDMDPMSolverMultistepScheduler"
+    assert "3 frames" in capsys.readouterr().out
