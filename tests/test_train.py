@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from svd_animate import cli
-from svd_common.errors import InputError
 from svd_animate.train import trainer as trainer_module
 from svd_animate.train.config import TrainConfig, load_train_config
 from svd_animate.train.data import PoseVideoDataset, read_clips
 from svd_animate.train.trainer import train, training_loss
+from svd_common.errors import InputError, TrainingError, WeightsError
+from svd_controlnext.injection import ControlInjector
 from tests.helpers import make_training_dataset, square_frames, write_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,12 +57,56 @@ def test_samples_shapes_reference_frame_and_determinism(dataset):
     assert -1 <= sample["pixels"].min() and sample["pixels"].max() <= 1 and 0 <= sample["poses"].min()
     assert sample["poses"].max() > 0.5  # a skeleton is drawn
     assert sample["hand_weights"].max() == pytest.approx(4.2)  # the left hand's box
-    frames, _ = data.choose_frames(1)
+    frames = data.choose_frames(1)
     assert frames[1:] == [frames[1] + 2 * k for k in range(3)] and 0 <= frames[0] < 8
     assert torch.equal(data[1]["pixels"], sample["pixels"])  # same (seed, epoch, index): same sample
     data.epoch = 1
-    assert [data.choose_frames(i)[0] for i in range(3)] != [PoseVideoDataset(
-        dataset, 4, 2, 64, 64, seed=3).choose_frames(i)[0] for i in range(3)]
+    assert [data.choose_frames(i) for i in range(3)] != [PoseVideoDataset(
+        dataset, 4, 2, 64, 64, seed=3).choose_frames(i) for i in range(3)]
+
+
+def test_training_framing_at_the_centre_is_inference_framing():
+    """Cut at the centre, the training crop is what inference frames: `crop_reference`'s pixels and
+    `crop_poses`'s coordinates. A 150x100 frame trained at 64x64: scaled by 0.64 to 96x64, cut at x = 16."""
+    from pose.skeleton import PoseSequence
+    from svd_animate.framing import crop_poses, crop_reference
+    from svd_animate.train.data import centre_framing, frame_image, frame_poses
+    from tests.helpers import make_pose
+
+    image = np.random.default_rng(0).integers(0, 256, (100, 150, 3), np.uint8)
+    framing = centre_framing(150, 100, 64, 64)
+    assert (framing.scale, framing.size, framing.left, framing.top) == (0.64, (96, 64), 16, 0)
+    assert np.array_equal(frame_image(image, framing, 64, 64), crop_reference(image, 64, 64))
+    hands = np.full((2, 21, 2), np.nan, np.float32)
+    hands[0, :2] = [[0.3, 0.4], [0.7, 0.6]]
+    poses = PoseSequence.stack([make_pose({0: (0.5, 0.1), 4: (0.1, 0.9), 7: (0.95, 0.5)}, hands=hands)] * 2,
+                               150, 100, fps=10)
+    ours, inference = frame_poses(poses, framing, 64, 64), crop_poses(poses, 64, 64)
+    assert (ours.width, ours.height) == (inference.width, inference.height) == (64, 64)
+    for part in ("body", "hands", "face"):
+        assert np.array_equal(getattr(ours, part), getattr(inference, part), equal_nan=True), part
+    # by hand: x -> (x * 96 - 16) / 64, y unchanged (the height is not cut)
+    assert ours.body[0, [0, 4, 7]].flatten().tolist() == pytest.approx([0.5, 0.1, -0.1, 0.9, 1.175, 0.5], abs=1e-6)
+
+
+def test_a_sample_is_inference_framing_of_its_source_frames(tmp_path):
+    """A 128x128 clip trained at 64x64 has one possible cut, the centre: each frame of a sample is
+    `crop_reference` of the decoded source frame, each skeleton the drawing of `crop_poses`' poses."""
+    from pose.render import render_sequence
+    from pose.skeleton import PoseSequence
+    from svd_animate.framing import crop_poses, crop_reference
+    from svd_common.video import iter_frames
+
+    folder = make_training_dataset(tmp_path, clips=1, frames=6, size=128)
+    data = PoseVideoDataset(folder, num_frames=3, interval=2, width=64, height=64)
+    sample, frames = data[0], data.choose_frames(0)
+    source = dict(iter_frames(folder / "clip0.mp4"))
+    framed = np.stack([crop_reference(source[f], 64, 64) for f in frames])
+    assert torch.equal(sample["pixels"], torch.from_numpy(framed).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    poses = crop_poses(PoseSequence.load(folder / "poses" / "clip0.npz").select(np.array(frames)), 64, 64)
+    skeletons = np.stack(list(render_sequence(poses, 64, 64)))
+    assert skeletons.max() > 0  # a skeleton is drawn
+    assert torch.equal(sample["poses"], torch.from_numpy(skeletons).permute(0, 3, 1, 2).float() / 255.0)
 
 
 def test_short_clips_skipped_and_counted(dataset, caplog):
@@ -233,6 +278,31 @@ def fixed_batch_loss(encoder, unet, dataset) -> float:
     return float(np.mean(losses))
 
 
+def test_training_clip_embedding_is_the_one_inference_computes():
+    """The reference's CLIP embedding as training computes it (from the sample's [-1, 1] pixels) equals the
+    one the inference pipeline computes from the same image. 448x192: blurred and shrunk down, stretched across."""
+    from PIL import Image
+
+    from svd_controlnext.pipeline import ControlNeXtSVDPipeline
+    from svd_controlnext.tiny import tiny_components
+
+    parts = tiny_components(0)
+    image = np.random.default_rng(0).integers(0, 256, (448, 192, 3), np.uint8)
+    seen = []
+    hook = parts["image_encoder"].register_forward_hook(lambda module, args, output: seen.append(output.image_embeds))
+    pipe = ControlNeXtSVDPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    pipe(Image.fromarray(image), np.zeros((2, 448, 192, 3), np.uint8), height=448, width=192, num_frames=2,
+         num_inference_steps=1, output_type="latent")
+    hook.remove()
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1  # as PoseVideoDataset makes them
+    with torch.no_grad():
+        ours = trainer_module.clip_embeddings(parts["image_encoder"], parts["feature_extractor"], pixels)
+    inference = seen[0].unsqueeze(1)
+    assert len(seen) == 1 and ours.shape == inference.shape == (1, 1, 32)
+    assert (ours - inference).abs().max() <= 1e-5 * inference.abs().max()
+
+
 def test_tiny_training_lowers_the_loss_and_exports_loadable_weights(dataset, tmp_path, capsys):
     from diffusers import UNetSpatioTemporalConditionModel
 
@@ -280,7 +350,7 @@ def test_unet_weights_laid_over_the_base_unet(dataset, tmp_path):
         unet = trainer_module.load_models(config)["unet"].state_dict()
         assert all(torch.equal(unet[k], tuned[k]) for k in tuned), base_model
         assert all(torch.equal(unet[k], base[k]) for k in base if k.startswith("conv_out")), base_model
-    with pytest.raises(InputError, match="no such file or folder"):
+    with pytest.raises(WeightsError, match="no such file or folder"):
         trainer_module.load_models(TrainConfig(base_model="tiny", unet_weights="Pbihao/ControlNeXt", pose_encoder=None))
 
     result = train(tiny_config(dataset, tmp_path / "run", trainable="encoder+unet", max_steps=1,
@@ -332,7 +402,7 @@ def test_nan_loss_stops_naming_step_and_batch_and_keeps_the_last_checkpoint(data
         return loss * float("nan") if len(calls) == 3 else loss
 
     monkeypatch.setattr(trainer_module, "edm_loss", nan_at_third)
-    with pytest.raises(InputError, match=r"loss is nan at step 3 \(batch: clip\d\.mp4\); stopped, the last good "
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3 \(batch: clip\d\.mp4\); stopped, the last good "
                                          r"checkpoint is .*step-000002"):
         train(tiny_config(dataset, tmp_path / "run"), progress=False)
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]
@@ -389,7 +459,63 @@ def test_gradient_checkpointing_gives_the_same_training(dataset, tmp_path):
     assert checkpointed.losses == pytest.approx(plain.losses, abs=1e-5)
 
 
-@pytest.mark.parametrize("changes", [{"mixed_precision": "bf16"}, {"gradient_accumulation": 2, "batch_size": 1}])
-def test_bf16_and_accumulation_run(dataset, tmp_path, changes):
-    result = train(tiny_config(dataset, tmp_path / "run", max_steps=2, **changes), progress=False)
-    assert result.steps == 2 and len(result.losses) == 2 and all(np.isfinite(result.losses))
+def record_loss_calls(monkeypatch) -> list[dict]:
+    """Each `training_loss` call of a run: its batch's clips and its noise generator's seed."""
+    real, calls = trainer_module.training_loss, []
+
+    def recorded(batch, *args):
+        calls.append({"index": batch["index"].tolist(), "seed": args[-1].initial_seed()})
+        return real(batch, *args)
+
+    monkeypatch.setattr(trainer_module, "training_loss", recorded)
+    return calls
+
+
+def loss_by_hand(config: TrainConfig, index: list[int], step: int, micro_step: int) -> float:
+    """The loss of the clips `index` (epoch 0) at the starting weights in fp32, with the noise of (step, micro-step)."""
+    models = trainer_module.load_models(config)
+    unet, encoder = models["unet"], models["pose_encoder"]
+    data = PoseVideoDataset(config.data, config.num_frames, config.interval, config.width, config.height, config.seed,
+                            config.hand_loss_weight)
+    batch = torch.utils.data.default_collate([data[i] for i in index])
+    injector = ControlInjector(unet, encoder.config.injection_site, encoder.config.control_strength)
+    with torch.no_grad():
+        loss = training_loss(batch, models, unet, encoder, injector, config,
+                             trainer_module.step_generator(config.seed, step, micro_step, 0))
+    injector.remove()
+    return loss.item()
+
+
+def test_bf16_only_rounds_the_first_step(dataset, tmp_path, monkeypatch):
+    """The first step sees the batch, noise and weights it sees in fp32: bf16 rounds its loss, no more."""
+    calls = record_loss_calls(monkeypatch)
+    config = tiny_config(dataset, tmp_path / "run", max_steps=2, mixed_precision="bf16")
+    result = train(config, progress=False)
+    assert result.steps == 2 and len(result.losses) == 2
+    fp32 = loss_by_hand(config, calls[0]["index"], step=0, micro_step=0)
+    assert result.losses[0] == pytest.approx(fp32, rel=1e-2) and result.losses[0] != fp32
+
+
+def test_accumulation_steps_after_the_last_micro_batch_and_reports_its_loss(dataset, tmp_path, monkeypatch):
+    """Accumulating 2 batches of 1 over an epoch of 3 clips: step 1 takes micro-batches 0 and 1, step 2 the
+    epoch's last one alone (accelerate ends an accumulation with the epoch); each micro-batch has the noise
+    of its (step, micro-step). A step's loss is its last micro-batch's, before the optimiser moves."""
+    calls = record_loss_calls(monkeypatch)
+    config = tiny_config(dataset, tmp_path / "run", max_steps=2, gradient_accumulation=2, batch_size=1)
+    result = train(config, progress=False)
+    assert result.steps == 2 and len(result.losses) == 2
+    assert [c["seed"] for c in calls] == [trainer_module.step_generator(config.seed, step, micro, 0).initial_seed()
+                                          for step, micro in ((0, 0), (0, 1), (1, 0))]
+    assert sorted(i for c in calls for i in c["index"]) == [0, 1, 2]  # one epoch
+    assert result.losses[0] == pytest.approx(loss_by_hand(config, calls[1]["index"], 0, 1), rel=1e-5)
+
+
+def test_resume_with_accumulation_across_epoch_ends(dataset, tmp_path):
+    """With an epoch's end inside an accumulation, steps x accumulation is not the number of batches drawn:
+    the checkpoint records it, so the resumed run draws the batches the uninterrupted one draws."""
+    whole = train(tiny_config(dataset, tmp_path / "whole", gradient_accumulation=2), progress=False)
+    train(tiny_config(dataset, tmp_path / "split", max_steps=2, gradient_accumulation=2), progress=False)
+    state = json.loads((tmp_path / "split" / "checkpoints" / "step-000002" / "trainer.json").read_text())
+    assert (state["step"], state["batches"]) == (2, 3)
+    rest = train(tiny_config(dataset, tmp_path / "split", gradient_accumulation=2), resume="latest", progress=False)
+    assert rest.losses == pytest.approx(whole.losses[2:], abs=1e-5)

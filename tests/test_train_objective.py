@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from svd_animate.train.data import (clip_span, crop_box, hand_weight_map, pose_hand_boxes,
-                                        published_hand_boxes)
-from svd_animate.train.objective import (SigmaDistribution, conditioning_dropout, denoised, edm_loss,
-                                             latent_weights, loss_weight, sample_sigmas, sigmas_from_uniform,
-                                             stratified_uniform, unet_inputs)
+from svd_animate.train.data import (centre_framing, clip_span, hand_weight_map, pose_hand_boxes, published_hand_boxes,
+                                    random_framing)
+from svd_animate.train.objective import (SigmaDistribution, conditioning_dropout, denoised, edm_loss, latent_weights,
+                                         loss_weight, sample_sigmas, sigmas_from_uniform, stratified_uniform,
+                                         unet_inputs)
 from tests.helpers import make_pose
 
 
@@ -116,12 +116,18 @@ def test_latent_weights_pool_and_leave_frame_zero_alone():
     assert pooled[0, 0].unique().tolist() == [1.0]  # the reference frame gets no extra weight
 
 
-def test_crop_box_and_span():
+def test_random_framing_is_inference_framing_at_a_random_offset_and_span():
     rng = np.random.default_rng(0)
-    x, y, w, h = crop_box(1080, 1920, 576, 1024, rng)  # same aspect: the whole frame
-    assert (x, y, w, h) == (0, 0, 1080, 1920)
-    x, y, w, h = crop_box(640, 360, 64, 64, rng)  # landscape to square: 360 x 360, anywhere along x
-    assert (w, h, y) == (360, 360, 0) and 0 <= x <= 280
+    framing = random_framing(1080, 1920, 576, 1024, rng)  # same aspect: the whole frame, scaled by 576 / 1080
+    assert (framing.scale, framing.size, framing.left, framing.top) == (576 / 1080, (576, 1024), 0, 0)
+    # landscape to square: 640 x 360 scaled by 64 / 360 to 114 x 64, cut anywhere along x (0..50); centre 25
+    lefts = set()
+    for _ in range(200):
+        framing = random_framing(640, 360, 64, 64, rng)
+        assert (framing.scale, framing.size, framing.top) == (64 / 360, (114, 64), 0) and 0 <= framing.left <= 50
+        lefts.add(framing.left)
+    assert min(lefts) == 0 and max(lefts) == 50  # both ends reachable
+    assert (centre_framing(640, 360, 64, 64).left, centre_framing(640, 360, 64, 64).top) == (25, 0)
     assert clip_span(14, 3) == 40 and clip_span(1, 5) == 1
 
 

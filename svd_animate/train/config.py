@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 from pathlib import Path
 
@@ -110,7 +111,7 @@ class TrainConfig:
             raise InputError("no training data: pass --data DATASET (from `svd-animate prepare-data`)")
         if self.use_8bit_adam:
             try:
-                import bitsandbytes  # noqa: F401
+                importlib.import_module("bitsandbytes")
             except ImportError:
                 raise InputError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         return self

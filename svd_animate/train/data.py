@@ -9,14 +9,18 @@ loss weights.
 
 A sample, as the published loader makes it: a clip of `num_frames` frames `interval` apart at a random
 start; frame 0 replaced (RGB and pose) by a random frame of the same video, which is also the reference
-image; a random crop to the target aspect, then a resize. Hand loss weights: `hand_loss_weight`
-(1 + 4 x 0.8 = 4.2 as published) inside the box of each hand whose mean keypoint score is > 0.5,
-widened by 10 px at the source size, cropped and resized like the frames; 1 elsewhere and on frame 0.
+image; a random crop to the target aspect, scaled to the target size. The crop is inference's framing
+(`svd_animate/framing.py`: resize to cover the target, PIL bicubic, then cut) with the cut at a random
+offset instead of the centre, so a sample cut at the centre is exactly what inference would feed the model
+(pixels and pose coordinates). Hand loss weights: `hand_loss_weight` (1 + 4 x 0.8 = 4.2 as published)
+inside the box of each hand whose mean keypoint score is > 0.5, widened by 10 px at the source size,
+framed like the frames; 1 elsewhere and on frame 0.
 Randomness comes from (seed, epoch, index), so a resumed run sees the same samples as an uninterrupted one.
 
 Differences from `utils/vid_dataset.py`: a clip too short for `num_frames` x `interval` is skipped
-(published: the interval shrinks to fit); frames, poses and weights are resized with OpenCV's area
-filter (published: torchvision's antialiased bilinear); a hand box below the score threshold is
+(published: the interval shrinks to fit); frames and pose videos are resized with PIL's antialiased
+bicubic as inference resizes the reference, weights with OpenCV's area filter (published: torchvision's
+antialiased bilinear, crop then resize); a hand box below the score threshold is
 skipped (published: drawn with weight 0, which erases an overlapping confident box).
 """
 
@@ -30,14 +34,17 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from pose.align import apply_linear
-from svd_common.atomic import write_json
-from svd_common.errors import InputError
 from pose.render import draw_pose
 from pose.skeleton import PoseSequence
+from svd_common.atomic import write_json
+from svd_common.errors import InputError
 from svd_common.video import iter_frames, probe_video
+
+from ..framing import cover_crop
 
 logger = logging.getLogger(__name__)
 
@@ -149,15 +156,57 @@ def clip_span(num_frames: int, interval: int) -> int:
     return (num_frames - 1) * interval + 1
 
 
-def crop_box(width: int, height: int, target_w: int, target_h: int, rng: np.random.Generator):
-    """A random box (x, y, w, h) of the target's aspect ratio, as large as the frame allows."""
-    if width * target_h > height * target_w:  # too wide: crop the width
-        crop_w, crop_h = max(1, round(height * target_w / target_h)), height
-    else:
-        crop_w, crop_h = width, max(1, round(width * target_h / target_w))
-    x = int(rng.integers(0, width - crop_w + 1))
-    y = int(rng.integers(0, height - crop_h + 1))
-    return x, y, crop_w, crop_h
+@dataclasses.dataclass(frozen=True)
+class Framing:
+    """Where a sample's target frame lies in its source: the source (`width` x `height`) resized by `scale`
+    to `size`, as inference's `cover_crop` sizes the reference, then cut at (`left`, `top`)."""
+    width: int
+    height: int
+    scale: float
+    left: int
+    top: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(w, h) of the resized source, rounded as `crop_reference` rounds it."""
+        return round(self.width * self.scale), round(self.height * self.scale)
+
+
+def centre_framing(width: int, height: int, target_w: int, target_h: int) -> Framing:
+    """Inference's framing (`framing.cover_crop`): cover the target, keep the centre."""
+    scale, left, top = cover_crop(width, height, target_w, target_h)
+    return Framing(width, height, scale, left, top)
+
+
+def random_framing(width: int, height: int, target_w: int, target_h: int, rng: np.random.Generator) -> Framing:
+    """Inference's framing with the cut anywhere along the side that overflows, instead of at the centre."""
+    centre = centre_framing(width, height, target_w, target_h)
+    resized_w, resized_h = centre.size
+    left = int(rng.integers(0, resized_w - target_w + 1))
+    top = int(rng.integers(0, resized_h - target_h + 1))
+    return dataclasses.replace(centre, left=left, top=top)
+
+
+def frame_image(image: np.ndarray, framing: Framing, target_w: int, target_h: int) -> np.ndarray:
+    """The target frame of an RGB uint8 image, with `crop_reference`'s resize (PIL bicubic, antialiased),
+    so that training sees the pixels inference feeds the model."""
+    resized = np.asarray(Image.fromarray(image).resize(framing.size, Image.BICUBIC))
+    return resized[framing.top:framing.top + target_h, framing.left:framing.left + target_w]
+
+
+def frame_weights(weights: np.ndarray, framing: Framing, target_w: int, target_h: int) -> np.ndarray:
+    """The target frame of a float loss-weight map. Area averaging, not bicubic: a weight must stay
+    between the values it mixes (bicubic overshoots at a box's edge)."""
+    resized = cv2.resize(weights, framing.size, interpolation=cv2.INTER_AREA)
+    return resized[framing.top:framing.top + target_h, framing.left:framing.left + target_w]
+
+
+def frame_poses(seq: PoseSequence, framing: Framing, target_w: int, target_h: int) -> PoseSequence:
+    """Poses normalised to the source -> normalised to the target frame: `crop_poses`'s transform, at the
+    framing's offset."""
+    new_w, new_h = framing.width * framing.scale, framing.height * framing.scale
+    return apply_linear(seq, (new_w / target_w, new_h / target_h), (-framing.left / target_w, -framing.top / target_h),
+                        target_w, target_h)
 
 
 def hand_weight_map(boxes, width: int, height: int, inside: float, margin: int = HAND_MARGIN) -> np.ndarray:
@@ -220,73 +269,72 @@ class PoseVideoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
-    def choose_frames(self, index: int) -> tuple[list[int], np.random.Generator]:
+    def sample_rng(self, index: int) -> np.random.Generator:
+        """The sample's random draws (frames, then framing) come from (seed, epoch, index) only."""
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def choose_frames(self, index: int, rng: np.random.Generator | None = None) -> list[int]:
         """Source frame indices of a sample (position 0: the reference frame)."""
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = self.sample_rng(index) if rng is None else rng
         clip = self.clips[index]
         start = int(rng.integers(0, clip.frames - clip_span(self.num_frames, self.interval) + 1))
         frames = [start + k * self.interval for k in range(self.num_frames)]
         frames[0] = int(rng.integers(0, clip.frames))
-        return frames, rng
+        return frames
 
     def __getitem__(self, index: int) -> dict:
         clip = self.clips[index]
-        frames, rng = self.choose_frames(index)
+        rng = self.sample_rng(index)
+        frames = self.choose_frames(index, rng)
         rgb = _read_frames(clip.video, frames)
-        src_h, src_w = rgb[0].shape[:2]
-        crop = crop_box(src_w, src_h, self.width, self.height, rng)
-        pixels = np.stack([self._crop_resize(f, crop) for f in rgb])
+        framing = random_framing(rgb[0].shape[1], rgb[0].shape[0], self.width, self.height, rng)
+        pixels = np.stack([frame_image(f, framing, self.width, self.height) for f in rgb])
         if clip.poses is not None:
-            skeletons, boxes = self._our_poses(clip, frames, crop, src_w, src_h)
+            poses = PoseSequence.load(clip.poses).select(np.array(frames))
+            skeletons = self._draw(frame_poses(poses, framing, self.width, self.height))
+            boxes = [pose_hand_boxes(poses.frame(t)) for t in range(len(frames))]
         else:
-            skeletons, boxes = self._published_poses(clip, frames, crop)
+            skeletons = self._published_skeletons(clip, frames, framing)
+            boxes = self._published_hand_boxes(clip, frames)
         pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
         return {
             "pixels": pixels,
             "poses": torch.from_numpy(skeletons).permute(0, 3, 1, 2).float() / 255.0,
             "reference": pixels[0].clone(),
-            "hand_weights": torch.from_numpy(self._hand_weights(boxes, crop, src_w, src_h)),
+            "hand_weights": torch.from_numpy(self._hand_weights(boxes, framing)),
             "index": index,
         }
 
-    def _our_poses(self, clip: Clip, frames: list[int], crop, src_w: int, src_h: int):
-        """Skeletons drawn at the training size, and the hand boxes of the source-size poses."""
-        x, y, crop_w, crop_h = crop
-        poses = PoseSequence.load(clip.poses).select(np.array(frames))
-        cropped = apply_linear(poses, (src_w / crop_w, src_h / crop_h), (-x / crop_w, -y / crop_h),
-                               self.width, self.height)
-        skeletons = np.stack([draw_pose(cropped.frame(t), self.height, self.width) for t in range(len(frames))])
-        return skeletons, [pose_hand_boxes(poses.frame(t)) for t in range(len(frames))]
+    def _draw(self, poses: PoseSequence) -> np.ndarray:
+        """Skeletons drawn at the training size, as inference draws them."""
+        return np.stack([draw_pose(poses.frame(t), self.height, self.width) for t in range(len(poses))])
 
-    def _published_poses(self, clip: Clip, frames: list[int], crop):
-        """The pose video's frames with the published BGR->RGB swap, and the meta_info hand boxes."""
+    def _published_skeletons(self, clip: Clip, frames: list[int], framing: Framing) -> np.ndarray:
+        """The pose video's frames, framed like the video's, with the published BGR->RGB swap."""
         guide = _read_frames(clip.guide, frames)
-        skeletons = np.stack([self._crop_resize(np.ascontiguousarray(f[..., ::-1]), crop) for f in guide])
+        return np.stack([frame_image(np.ascontiguousarray(f[..., ::-1]), framing, self.width, self.height)
+                         for f in guide])
+
+    def _published_hand_boxes(self, clip: Clip, frames: list[int]) -> list:
+        """The meta_info hand boxes of each frame (none without meta_info or without a hand weight)."""
         if clip.meta is None or self.hand_loss_weight == 1.0:
-            return skeletons, [[] for _ in frames]
+            return [[] for _ in frames]
         detections = _read_json(clip.meta)
         if not isinstance(detections, list):
             raise InputError(f"{clip.meta}: expected a list of per-frame detections")
-        return skeletons, [published_hand_boxes(detections[f]) if f < len(detections) else [] for f in frames]
+        return [published_hand_boxes(detections[f]) if f < len(detections) else [] for f in frames]
 
-    def _hand_weights(self, boxes: list, crop, src_w: int, src_h: int) -> np.ndarray:
-        """(F, H, W): the hand weight maps built at the source size, cropped and resized like the
-        frames; frame 0 (the reference frame) stays 1, as published."""
+    def _hand_weights(self, boxes: list, framing: Framing) -> np.ndarray:
+        """(F, H, W): the hand weight maps built at the source size, framed like the frames; frame 0
+        (the reference frame) stays 1, as published."""
         weights = np.ones((len(boxes), self.height, self.width), np.float32)
         if self.hand_loss_weight == 1.0:
             return weights
         for t, frame_boxes in enumerate(boxes[1:], start=1):
             if frame_boxes:
-                source = hand_weight_map(frame_boxes, src_w, src_h, self.hand_loss_weight)
-                weights[t] = self._crop_resize(source, crop)
+                source = hand_weight_map(frame_boxes, framing.width, framing.height, self.hand_loss_weight)
+                weights[t] = frame_weights(source, framing, self.width, self.height)
         return weights
-
-    def _crop_resize(self, frame: np.ndarray, crop) -> np.ndarray:
-        return _crop_resize(frame, *crop, self.width, self.height)
-
-
-def _crop_resize(frame, x, y, w, h, width, height):
-    return cv2.resize(frame[y:y + h, x:x + w], (width, height), interpolation=cv2.INTER_AREA)
 
 
 def _read_frames(video: Path, indices: list[int]) -> list[np.ndarray]:

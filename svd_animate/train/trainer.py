@@ -8,8 +8,9 @@ The VAE and CLIP are frozen (and cast to the mixed-precision dtype). The UNet is
 The LR is constant from the first step unless `warmup_steps` > 0 (published: constant, no warm-up).
 
 Every random draw of a step comes from a generator seeded by (seed, step, micro-step, process), and
-samples from (seed, epoch, index) with a seeded sampler, so `--resume latest` continues exactly as an
-uninterrupted run would.
+samples from (seed, epoch, index) with a seeded sampler; a checkpoint records the steps and the batches
+drawn (not steps x accumulation: an epoch's end also ends an accumulation), so `--resume latest` continues
+exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -17,21 +18,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from svd_common.errors import InputError
-
+from svd_common.errors import InputError, TrainingError, WeightsError
 from svd_controlnext.encoder import PoseEncoder
 from svd_controlnext.injection import ControlInjector
 from svd_controlnext.weights import load_unet
+
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import PoseVideoDataset
 from .objective import conditioning_dropout, edm_loss, latent_weights, sample_sigmas, unet_inputs
@@ -70,7 +71,7 @@ def load_models(config: TrainConfig) -> dict:
             "feature_extractor": CLIPImageProcessor.from_pretrained(base, subfolder="feature_extractor"),
         }
     except (OSError, ValueError) as e:
-        raise InputError(f"cannot load the base model {base} ({type(e).__name__}); no weights are reachable "
+        raise WeightsError(f"cannot load the base model {base} ({type(e).__name__}); no weights are reachable "
                          "here: try --config tiny") from None
     models["unet"] = load_unet(base, config.unet_weights, torch.float32)
     models["pose_encoder"] = _load_encoder(config) if config.pose_encoder else PoseEncoder(
@@ -84,7 +85,7 @@ def _tiny_unet(config: TrainConfig, unet):
     if config.unet_weights is None:
         return unet
     if not Path(config.unet_weights).exists():
-        raise InputError(f"unet_weights {config.unet_weights}: no such file or folder (base_model tiny takes a "
+        raise WeightsError(f"unet_weights {config.unet_weights}: no such file or folder (base_model tiny takes a "
                          "local tiny UNet checkpoint)")
     with tempfile.TemporaryDirectory() as base:
         unet.save_pretrained(Path(base) / "unet")
@@ -123,13 +124,39 @@ def select_trainable(config: TrainConfig, unet, encoder) -> list[torch.nn.Parame
     return [p for p in [*encoder.parameters(), *unet.parameters()] if p.requires_grad]
 
 
+def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
+    """A normalised 1-D gaussian of odd `size` (sigma in float32, as diffusers computes it)."""
+    x = torch.arange(size, dtype=torch.float32) - size // 2
+    kernel = torch.exp(-x.pow(2) / (2 * torch.tensor(sigma, dtype=torch.float32).pow(2)))
+    return kernel / kernel.sum()
+
+
+def blur_along(images: torch.Tensor, dim: int, sigma: float) -> torch.Tensor:
+    """Gaussian blur of (B, C, H, W) along H (dim -2) or W (dim -1), borders reflected."""
+    size = int(max(4 * sigma, 3)) | 1  # two sigmas each side, at least 3 taps, odd
+    shape = (size, 1) if dim == -2 else (1, size)
+    pad = (0, 0, size // 2, size // 2) if dim == -2 else (size // 2, size // 2, 0, 0)
+    channels = images.shape[1]
+    kernel = gaussian_kernel(size, sigma).to(images).view(1, 1, *shape).expand(channels, 1, *shape)
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(images, pad, mode="reflect"), kernel, groups=channels)
+
+
+def resize_for_clip(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size) as SVD's pipeline resizes the reference for CLIP (diffusers'
+    `_resize_with_antialiasing`, kornia's recipe): a gaussian blur with skimage's sigma ((factor - 1) / 2),
+    then bicubic with `align_corners=True`. Written out because that function is private, and torch's own
+    antialiased bicubic gives other pixels: training must feed CLIP what inference feeds it."""
+    height, width = images.shape[-2:]
+    blurred = blur_along(images, -1, max((width / size - 1) / 2, 0.001))
+    blurred = blur_along(blurred, -2, max((height / size - 1) / 2, 0.001))
+    return torch.nn.functional.interpolate(blurred, size=(size, size), mode="bicubic", align_corners=True)
+
+
 def clip_embeddings(image_encoder, feature_extractor, images: torch.Tensor) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> CLIP image embeddings (B, 1, D), prepared as diffusers' SVD
     pipeline prepares the reference (anti-aliased resize in [-1, 1], then CLIP's normalisation)."""
-    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
-
     size = image_encoder.config.image_size
-    x = (_resize_with_antialiasing(images.float(), (size, size)) + 1) / 2
+    x = (resize_for_clip(images.float(), size) + 1) / 2
     mean = torch.tensor(feature_extractor.image_mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(feature_extractor.image_std, device=x.device).view(1, 3, 1, 1)
     return image_encoder(((x - mean) / std).to(image_encoder.dtype)).image_embeds.unsqueeze(1)
@@ -193,6 +220,17 @@ def step_generator(seed: int, step: int, micro_step: int, process: int) -> torch
 
 # ---- checkpoints -----------------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class LoopState:
+    """Where the loop is: optimiser steps and micro-batches drawn since the run began (not this invocation;
+    an epoch's end also ends an accumulation, so the two do not follow from each other), the checkpoint
+    to go back to, and the losses of this invocation."""
+    step: int
+    consumed: int
+    last_checkpoint: Path | None
+    losses: list[float] = dataclasses.field(default_factory=list)
+
+
 def checkpoint_dirs(run: Path) -> list[Path]:
     return sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
@@ -211,8 +249,8 @@ def find_resume_dir(run: Path, resume: str) -> Path:
     return found[-1]
 
 
-def check_same_config(checkpoint: Path, config: TrainConfig) -> int:
-    """The checkpoint's step, after checking it was made by the same training config."""
+def resume_state(checkpoint: Path, config: TrainConfig) -> LoopState:
+    """Where the loop stood at `checkpoint`, after checking it was made by the same training config."""
     state = json.loads((checkpoint / STATE_FILE).read_text())
     if state["fingerprint"] != config.fingerprint():
         saved = state.get("config", {})
@@ -220,10 +258,16 @@ def check_same_config(checkpoint: Path, config: TrainConfig) -> int:
                            if (k not in saved or saved[k] != v) and k not in RESUMABLE_CHANGES)
         raise InputError(f"{checkpoint}: made with another training config (differs in: "
                          f"{', '.join(differing) or 'unknown keys'}); resume with the same config or start a new run")
-    return int(state["step"])
+    step = int(state["step"])
+    # Older checkpoints lack the count: step x accumulation, right unless an epoch ended inside an accumulation.
+    batches = int(state.get("batches", step * config.gradient_accumulation))
+    return LoopState(step=step, consumed=batches, last_checkpoint=checkpoint)
 
 
-# ---- the loop ------------------------------------------------------------------------------------
+# ---- the run -------------------------------------------------------------------------------------
+
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # of the frozen models; "no": float32
+
 
 @dataclasses.dataclass
 class TrainResult:
@@ -233,153 +277,277 @@ class TrainResult:
     loop_seconds: float = 0.0  # the training loop alone (no model loading, no export)
 
 
-def train(config: TrainConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+@dataclasses.dataclass
+class Training:
+    """What a run steps with, built once. `encoder` and `unet` are accelerate's wrappers when they train;
+    `models` holds them unwrapped, with the frozen VAE, CLIP, scheduler and feature extractor."""
+    accelerator: Any
+    dataset: PoseVideoDataset
+    loader: Any
+    models: dict
+    encoder: torch.nn.Module
+    unet: torch.nn.Module
+    unet_trains: bool
+    parameters: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    ema: Any
+    injector: ControlInjector
 
+    @property
+    def trained(self) -> list[torch.nn.Module]:
+        """The wrapped models that train: accelerate skips their gradient sync while accumulating."""
+        return [self.encoder, self.unet] if self.unet_trains else [self.encoder]
+
+
+def train(config: TrainConfig, resume: str | None = None, progress: bool = True) -> TrainResult:
+    """Train as `config` says (from the checkpoint `resume` names, if any), then export the weights."""
     config.check()
     run = Path(config.output_dir)
     resume_dir = find_resume_dir(run, resume) if resume else None
-    start_step = check_same_config(resume_dir, config) if resume_dir else 0
+    state = resume_state(resume_dir, config) if resume_dir else LoopState(step=0, consumed=0, last_checkpoint=None)
     dataset = PoseVideoDataset(config.data, config.num_frames, config.interval, config.width, config.height,
                                config.seed, config.hand_loss_weight)
+    accelerator = make_accelerator(config, run)
+    training = build_training(config, accelerator, dataset)
+    try:
+        if resume_dir is not None:
+            restore_checkpoint(training, resume_dir)
+            logger.info("resumed from %s at step %d", resume_dir, state.step)
+        open_run_folder(accelerator, run, config)
+        started = time.perf_counter()
+        run_loop(training, state, config, run, progress)
+        loop_seconds = time.perf_counter() - started
+        export_dir = finish(training, run, config)
+    finally:  # the UNet must not keep the control hook
+        training.injector.remove()
+    return TrainResult(state.step, state.losses, export_dir, loop_seconds)
 
-    accelerator = Accelerator(
+
+# ---- setting up ----------------------------------------------------------------------------------
+
+def make_accelerator(config: TrainConfig, run: Path):
+    """accelerate owns devices, mixed precision, accumulation and logging; its seedable sampler makes an
+    epoch's order depend on the epoch only, so a resumed run sees the batches an uninterrupted one sees."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    return Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation,
         log_with="tensorboard", cpu=not torch.cuda.is_available(),
         project_config=ProjectConfiguration(project_dir=str(run), logging_dir=str(run / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+
+
+def build_training(config: TrainConfig, accelerator, dataset: PoseVideoDataset) -> Training:
+    """The models (frozen and placed as configured), optimiser, LR schedule, EMA and loader, prepared."""
     models = load_models(config)
-    vae, image_encoder, unet, encoder = (models[k] for k in ("vae", "image_encoder", "unet", "pose_encoder"))
-    vae.requires_grad_(False), image_encoder.requires_grad_(False)
-    vae.to(accelerator.device, weight_dtype), image_encoder.to(accelerator.device, weight_dtype)
+    unet, encoder = models["unet"], models["pose_encoder"]
     parameters = select_trainable(config, unet, encoder)
     unet_trains = any(p.requires_grad for p in unet.parameters())
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if not unet_trains:
-        unet.to(accelerator.device, weight_dtype)
+    place_models(config, models, unet_trains, accelerator.device)
     injector = ControlInjector(unet, encoder.config.injection_site, encoder.config.control_strength)
+    optimizer = make_optimizer(config, parameters)
+    lr_scheduler = make_lr_scheduler(config, optimizer)
+    trained = {"encoder": encoder, "unet": unet} if unet_trains else {"encoder": encoder}
+    prepared = prepare_by_name(accelerator, **trained, optimizer=optimizer, loader=make_loader(config, dataset))
+    ema = make_ema(config, parameters, accelerator.device)
+    if len(prepared["loader"]) == 0:
+        raise InputError(f"{config.data}: fewer clips ({len(dataset)}) than one batch per process "
+                         f"({config.batch_size} x {accelerator.num_processes})")
+    return Training(accelerator=accelerator, dataset=dataset, loader=prepared["loader"], models=models,
+                    encoder=prepared["encoder"], unet=prepared.get("unet", unet), unet_trains=unet_trains,
+                    parameters=parameters, optimizer=prepared["optimizer"], lr_scheduler=lr_scheduler, ema=ema,
+                    injector=injector)
 
+
+def place_models(config: TrainConfig, models: dict, unet_trains: bool, device) -> None:
+    """The frozen models (VAE, CLIP, and the UNet when it does not train) to the device in the mixed-precision
+    dtype, with no gradients; the trained ones stay float32 for accelerate's autocast."""
+    weight_dtype = WEIGHT_DTYPES.get(config.mixed_precision, torch.float32)
+    for name in ("vae", "image_encoder"):
+        models[name].requires_grad_(False)
+        models[name].to(device, weight_dtype)
+    if config.gradient_checkpointing:
+        models["unet"].enable_gradient_checkpointing()
+    if not unet_trains:
+        models["unet"].to(device, weight_dtype)
+
+
+def make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW as published, or bitsandbytes' 8-bit AdamW (`use_8bit_adam`) to save its state's memory."""
     optimizer_class = torch.optim.AdamW
     if config.use_8bit_adam:
         import bitsandbytes
 
         optimizer_class = bitsandbytes.optim.AdamW8bit
-    optimizer = optimizer_class(parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                weight_decay=config.weight_decay, eps=config.adam_epsilon)
-    lr_scheduler = make_lr_scheduler(config, optimizer)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=config.num_workers,
-                                         generator=torch.Generator().manual_seed(config.seed))
-    prepared = accelerator.prepare(*([encoder, unet] if unet_trains else [encoder]), optimizer, loader)
-    encoder = prepared[0]
-    if unet_trains:
-        unet = prepared[1]
-    optimizer, loader = prepared[-2], prepared[-1]
-    trained = [encoder, unet] if unet_trains else [encoder]  # the wrapped models: no_sync while accumulating
-    ema = None
-    if config.ema:
-        from diffusers.training_utils import EMAModel
+    return optimizer_class(parameters, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                           weight_decay=config.weight_decay, eps=config.adam_epsilon)
 
-        ema = EMAModel(parameters, decay=config.ema_decay)
-        ema.to(accelerator.device)
-    if len(loader) == 0:
-        raise InputError(f"{config.data}: fewer clips ({len(dataset)}) than one batch per process "
-                         f"({config.batch_size} x {accelerator.num_processes})")
 
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        load_extra_state(resume_dir, lr_scheduler, ema)
-        logger.info("resumed from %s at step %d", resume_dir, start_step)
+def make_loader(config: TrainConfig, dataset: PoseVideoDataset) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                       num_workers=config.num_workers,
+                                       generator=torch.Generator().manual_seed(config.seed))
+
+
+def make_ema(config: TrainConfig, parameters: list[torch.nn.Parameter], device):
+    """An EMA of the trained parameters (`ema`), or None."""
+    if not config.ema:
+        return None
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(parameters, decay=config.ema_decay)
+    ema.to(device)
+    return ema
+
+
+def prepare_by_name(accelerator, **objects) -> dict:
+    """accelerate's `prepare` (which answers in the order it was given), its results by name."""
+    prepared = accelerator.prepare(*objects.values())
+    return dict(zip(objects, prepared if len(objects) > 1 else (prepared,)))
+
+
+def restore_checkpoint(training: Training, folder: Path) -> None:
+    """accelerate's state (models, optimiser, RNG, sampler), then the LR schedule and the EMA."""
+    training.accelerator.load_state(str(folder))
+    load_extra_state(folder, training.lr_scheduler, training.ema)
+
+
+def open_run_folder(accelerator, run: Path, config: TrainConfig) -> None:
+    """The run folder with the config it trains with, and the trackers (main process)."""
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
         (run / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
         accelerator.init_trackers("train")
 
-    batches_per_epoch = len(loader)
-    step, losses = start_step, []
-    last_checkpoint = resume_dir
-    bar = tqdm(total=config.max_steps, initial=start_step, desc="train", unit="step",
-               disable=not progress or not accelerator.is_main_process)
-    consumed = start_step * config.gradient_accumulation
-    loop_started = time.perf_counter()
-    while step < config.max_steps:
-        epoch, skip = divmod(consumed, batches_per_epoch)
-        dataset.epoch = epoch
-        loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in batches:
-            encoder.train()
-            if unet_trains:
-                unet.train()
-            generator = step_generator(config.seed, step, consumed % config.gradient_accumulation,
-                                       accelerator.process_index)
-            with accelerator.accumulate(*trained):
-                with accelerator.autocast():
-                    loss = training_loss(batch, models, unet, encoder, injector, config, generator)
-                if not torch.isfinite(loss):
-                    names = ", ".join(str(dataset.clips[int(i)].video.name) for i in batch["index"])
-                    raise InputError(f"loss is {loss.item()} at step {step + 1} (batch: {names}); stopped, "
-                                     f"the last good checkpoint is {last_checkpoint or 'none'}")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            consumed += 1
-            if not accelerator.sync_gradients:
-                continue
-            lr_scheduler.step()
-            if ema is not None:
-                ema.step(parameters)
-            step += 1
-            value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            losses.append(value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            if step % config.log_every == 0:
-                accelerator.log({"loss": value, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-            if step % config.checkpoint_every == 0 or step == config.max_steps:
-                last_checkpoint = save_checkpoint(accelerator, run, step, config, lr_scheduler, ema)
-            if step % config.validate_every == 0 and accelerator.is_main_process:
-                write_validation(run, step, models, accelerator.unwrap_model(encoder), accelerator.unwrap_model(unet),
-                                 dataset, config, ema, parameters)
-            if step >= config.max_steps:
-                break
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+def run_loop(training: Training, state: LoopState, config: TrainConfig, run: Path, progress: bool) -> None:
+    """Micro-batches until `max_steps` optimiser steps, with logs, checkpoints and validation on the way."""
+    bar = tqdm(total=config.max_steps, initial=state.step, desc="train", unit="step",
+               disable=not progress or not training.accelerator.is_main_process)
+    batches = batches_from(training, state.consumed)
+    while state.step < config.max_steps:
+        loss = micro_step(training, config, next(batches), state)
+        state.consumed += 1
+        if not training.accelerator.sync_gradients:
+            continue
+        value = end_step(training, state, loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{value:.4f}")
+        after_step(training, config, run, state, value)
+    batches.close()
     bar.close()
-    loop_seconds = time.perf_counter() - loop_started
+
+
+def batches_from(training: Training, consumed: int) -> Iterator[dict]:
+    """The batches from the `consumed`-th on, epoch after epoch, as an uninterrupted run draws them: the
+    sampler's order and the samples' own draws depend on the epoch only."""
+    epoch, skip = divmod(consumed, len(training.loader))
+    while True:
+        training.dataset.epoch = epoch
+        training.loader.set_epoch(epoch)
+        yield from (training.accelerator.skip_first_batches(training.loader, skip) if skip else training.loader)
+        epoch, skip = epoch + 1, 0
+
+
+def micro_step(training: Training, config: TrainConfig, batch: dict, state: LoopState) -> torch.Tensor:
+    """Forward and backward of one batch; the optimiser steps on the last batch of an accumulation."""
+    accelerator = training.accelerator
+    for model in training.trained:
+        model.train()  # validation leaves them in eval mode
+    generator = step_generator(config.seed, state.step, state.consumed % config.gradient_accumulation,
+                               accelerator.process_index)
+    with accelerator.accumulate(*training.trained):
+        with accelerator.autocast():
+            loss = training_loss(batch, training.models, training.unet, training.encoder, training.injector, config,
+                                 generator)
+        check_finite(loss, batch, training.dataset, state)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(training.parameters, config.max_grad_norm)
+        training.optimizer.step()
+        training.optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def check_finite(loss: torch.Tensor, batch: dict, dataset: PoseVideoDataset, state: LoopState) -> None:
+    """Stop at a NaN or infinite loss, naming the step, the batch's clips and the checkpoint to go back to."""
+    if not torch.isfinite(loss):
+        names = ", ".join(str(dataset.clips[int(i)].video.name) for i in batch["index"])
+        raise TrainingError(f"loss is {loss.item()} at step {state.step + 1} (batch: {names}); stopped, "
+                         f"the last good checkpoint is {state.last_checkpoint or 'none'}")
+
+
+def end_step(training: Training, state: LoopState, loss: torch.Tensor) -> float:
+    """After an optimiser step: the LR schedule and the EMA move on, the step counts, and its loss (the mean
+    over processes) is recorded and returned."""
+    training.lr_scheduler.step()
+    if training.ema is not None:
+        training.ema.step(training.parameters)
+    state.step += 1
+    value = training.accelerator.reduce(loss.detach(), reduction="mean").item()
+    state.losses.append(value)
+    return value
+
+
+def after_step(training: Training, config: TrainConfig, run: Path, state: LoopState, loss: float) -> None:
+    """Log every `log_every` steps, checkpoint every `checkpoint_every` and at the last step, write a
+    validation video every `validate_every` (main process)."""
+    accelerator = training.accelerator
+    if state.step % config.log_every == 0:
+        accelerator.log({"loss": loss, "lr": training.lr_scheduler.get_last_lr()[0]}, step=state.step)
+    if state.step % config.checkpoint_every == 0 or state.step == config.max_steps:
+        state.last_checkpoint = save_checkpoint(accelerator, run, state, config, training.lr_scheduler, training.ema)
+    if state.step % config.validate_every == 0 and accelerator.is_main_process:
+        write_validation(run, state.step, training.models, accelerator.unwrap_model(training.encoder),
+                         accelerator.unwrap_model(training.unet), training.dataset, config, training.ema,
+                         training.parameters)
+
+
+def finish(training: Training, run: Path, config: TrainConfig) -> Path | None:
+    """Export the weights (main process: the folder; others: None) and close the trackers."""
+    accelerator = training.accelerator
     accelerator.wait_for_everyone()
     export_dir = None
     if accelerator.is_main_process:
-        export_dir = export_weights(run / "final", accelerator.unwrap_model(encoder), accelerator.unwrap_model(unet),
-                                    unet_trains, config, ema, parameters)
+        export_dir = export_weights(run / "final", accelerator.unwrap_model(training.encoder),
+                                    accelerator.unwrap_model(training.unet), training.unet_trains, config,
+                                    training.ema, training.parameters)
     accelerator.end_training()
-    injector.remove()
-    return TrainResult(step, losses, export_dir, loop_seconds)
+    return export_dir
 
 
-def save_checkpoint(accelerator, run: Path, step: int, config: TrainConfig, lr_scheduler, ema=None) -> Path:
+# ---- checkpoints, validation, export -------------------------------------------------------------
+
+def save_checkpoint(accelerator, run: Path, loop: LoopState, config: TrainConfig, lr_scheduler, ema=None) -> Path:
     """accelerate's state (models as safetensors; optimiser and RNG states load with weights_only), plus
     the LR schedule as JSON and the EMA weights as safetensors: nothing in a checkpoint can run code."""
-    from safetensors.torch import save_file
-
-    folder = run / "checkpoints" / f"step-{step:06d}"
+    folder = run / "checkpoints" / f"step-{loop.step:06d}"
     accelerator.save_state(str(folder))
     if accelerator.is_main_process:
         (folder / "lr_scheduler.json").write_text(json.dumps(lr_scheduler.state_dict()))
         if ema is not None:
-            state = ema.state_dict()
-            shadow = state.pop("shadow_params")
-            save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, folder / "ema.safetensors")
-            (folder / "ema.json").write_text(json.dumps(state))
-        state = {"step": step, "fingerprint": config.fingerprint(), "config": dataclasses.asdict(config)}
+            save_ema(folder, ema)
+        state = {"step": loop.step, "batches": loop.consumed, "fingerprint": config.fingerprint(),
+                 "config": dataclasses.asdict(config)}
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1))  # written last: marks the folder complete
         for old in checkpoint_dirs(run)[:-config.checkpoints_to_keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return folder
+
+
+def save_ema(folder: Path, ema) -> None:
+    """The EMA weights as safetensors and the rest of its state as JSON (no pickle)."""
+    from safetensors.torch import save_file
+
+    state = ema.state_dict()
+    shadow = state.pop("shadow_params")
+    save_file({str(i): t.detach().cpu().contiguous() for i, t in enumerate(shadow)}, folder / "ema.safetensors")
+    (folder / "ema.json").write_text(json.dumps(state))
 
 
 def load_extra_state(folder: Path, lr_scheduler, ema=None) -> None:
@@ -412,58 +580,75 @@ def _with_ema(ema, parameters):
     return swapped()
 
 
+@dataclasses.dataclass
+class ValidationInputs:
+    reference: np.ndarray  # RGB uint8 (H, W, 3) at the training size
+    poses: np.ndarray  # skeleton frames uint8 (F, H, W, 3)
+
+
 def write_validation(run: Path, step: int, models: dict, encoder, unet, dataset: PoseVideoDataset,
                      config: TrainConfig, ema=None, parameters=None) -> Path:
-    """A short video (skeleton | sample) from a fixed reference and pose clip: the configured ones, or
-    the dataset's first sample at epoch 0."""
-    from PIL import Image
-
-    from svd_common.video import VideoWriter
-
-    from svd_controlnext.decode import iter_decoded_frames
-    from svd_controlnext.pipeline import ControlNeXtSVDPipeline
-
-    reference, poses = validation_inputs(dataset, config)
-    pipe = ControlNeXtSVDPipeline(vae=models["vae"], image_encoder=models["image_encoder"], unet=unet,
-                                  scheduler=models["scheduler"], feature_extractor=models["feature_extractor"],
-                                  pose_encoder=encoder)
-    pipe.set_progress_bar_config(disable=True)
+    """RUN/validation/step-N.mp4: a short video (skeleton | sample) from a fixed reference and pose clip,
+    sampled with the EMA weights when there are some."""
+    inputs = validation_inputs(dataset, config)
     encoder.eval(), unet.eval()
     with _with_ema(ema, parameters), torch.no_grad():
-        try:
-            latents = pipe(Image.fromarray(reference), poses, height=config.height, width=config.width,
-                           num_frames=len(poses), num_inference_steps=config.validation_steps,
-                           generator=torch.Generator().manual_seed(config.seed), output_type="latent").frames
-        finally:  # the training UNet must not keep the validation's control hook
-            pipe.detach_control()
+        latents = sample_validation(models, encoder, unet, inputs, config)
         path = run / "validation" / f"step-{step:06d}.mp4"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with VideoWriter(path, fps=7) as writer:
-            for index, frame in enumerate(iter_decoded_frames(models["vae"], latents.to(models["vae"].dtype), 4,
-                                                              progress=False)):
-                writer.write(np.concatenate([poses[index], frame], axis=1))
+        write_side_by_side(path, inputs.poses, latents, models["vae"])
     encoder.train()
     return path
 
 
-def validation_inputs(dataset: PoseVideoDataset, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(reference RGB uint8 (H, W, 3), pose frames uint8 (F, H, W, 3))."""
+def sample_validation(models: dict, encoder, unet, inputs: ValidationInputs, config: TrainConfig) -> torch.Tensor:
+    """The clip's latents, sampled by the inference pipeline from the models being trained."""
+    from PIL import Image
+
+    from svd_controlnext.pipeline import ControlNeXtSVDPipeline
+
+    pipe = ControlNeXtSVDPipeline(vae=models["vae"], image_encoder=models["image_encoder"], unet=unet,
+                                  scheduler=models["scheduler"], feature_extractor=models["feature_extractor"],
+                                  pose_encoder=encoder)
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        return pipe(Image.fromarray(inputs.reference), inputs.poses, height=config.height, width=config.width,
+                    num_frames=len(inputs.poses), num_inference_steps=config.validation_steps,
+                    generator=torch.Generator().manual_seed(config.seed), output_type="latent").frames
+    finally:  # the training UNet must not keep the validation's control hook
+        pipe.detach_control()
+
+
+def write_side_by_side(path: Path, poses: np.ndarray, latents: torch.Tensor, vae) -> None:
+    """An mp4 of each skeleton frame beside its decoded frame."""
+    from svd_common.video import VideoWriter
+    from svd_controlnext.decode import iter_decoded_frames
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with VideoWriter(path, fps=7) as writer:
+        for index, frame in enumerate(iter_decoded_frames(vae, latents.to(vae.dtype), 4, progress=False)):
+            writer.write(np.concatenate([poses[index], frame], axis=1))
+
+
+def validation_inputs(dataset: PoseVideoDataset, config: TrainConfig) -> ValidationInputs:
+    """The configured reference and poses, framed as inference frames them; or the dataset's first sample
+    at epoch 0."""
     if config.validation_reference and config.validation_poses:
         from pose.skeleton import PoseSequence
         from svd_common.video import read_image
 
-        from ..animate import crop_poses, crop_reference, render_frames
+        from ..animate import render_frames
+        from ..framing import crop_poses, crop_reference
 
         poses = PoseSequence.load(config.validation_poses).select(slice(0, config.validation_frames))
-        reference = crop_reference(read_image(config.validation_reference), config.width, config.height)
-        frames = render_frames(crop_poses(poses, config.width, config.height), config.height, config.width)
-        return reference, frames
+        return ValidationInputs(
+            reference=crop_reference(read_image(config.validation_reference), config.width, config.height),
+            poses=render_frames(crop_poses(poses, config.width, config.height), config.height, config.width))
     epoch, dataset.epoch = dataset.epoch, 0
     sample = dataset[0]
     dataset.epoch = epoch
-    reference = ((sample["reference"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-    frames = (sample["poses"].permute(0, 2, 3, 1) * 255).round().byte().numpy()
-    return reference, frames
+    return ValidationInputs(
+        reference=((sample["reference"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy(),
+        poses=(sample["poses"].permute(0, 2, 3, 1) * 255).round().byte().numpy())
 
 
 def export_weights(folder: Path, encoder, unet, unet_trained: bool, config: TrainConfig, ema=None,
@@ -496,6 +681,3 @@ def merged_unet(unet):
     plain.load_state_dict(state, strict=True)
     return plain
 
-
-def count_parameters(parameters) -> int:
-    return sum(math.prod(p.shape) for p in parameters)
