@@ -1,14 +1,18 @@
-"""A whole video, end to end (sampling and decoding), ours vs the published pipeline's settings.
+"""A whole video, end to end (sampling and decoding), ours and fast vs the published pipeline's settings.
 
 Full-size SVD-XT architecture with random weights (bench/fullsize.py). Each mode runs in its own process:
-- ours: our defaults (--dtype, default fp16 on CUDA and fp32 on CPU; position-weighted fusion; the encoder
-  on conditional frames once per frame and step; frames decoded in chunks sized to the free memory and
-  streamed, nothing held);
 - published: fp32, the encoder on the doubled guidance batch for every window frame, the reference pose
-  in every window with the uniform mean, decode chunk 2 with the whole video decoded before writing.
+  in every window with the uniform mean, decode chunk 2 with the whole video decoded before writing;
+- ours: our defaults (--dtype, default fp16 on CUDA and fp32 on CPU; position-weighted fusion; the encoder
+  on conditional frames once per frame and step; frames decoded in chunks and streamed, nothing held);
+- fast: ours with `--fast` (AYS at 10 steps, guidance for sigma in (0.28, 5.42], DeepCache every 2nd step);
+- ays, interval, deepcache: ours with one fast technique alone (AYS at 10 steps; limited-interval guidance;
+  DeepCache every 2nd step), for the speed-up of each.
 Prints one JSON object as its last line: seconds, seconds per output frame and peak memory per mode
-(RSS on CPU; torch.cuda.max_memory_allocated on GPU), `time_ratio` and `peak_memory_ratio` (ours / published).
-Run: .venv/bin/python bench/e2e.py --quick          (CPU: 64x64, 12 frames, windows 8/2, 3 steps)
+(RSS on CPU; torch.cuda.max_memory_allocated on GPU), `time_ratio` (ours / published), `time_ratio_fast`
+(fast / published), `speedup` of each technique alone (ours / it), and how far DeepCache's and fast's latents move
+from ours (random weights say nothing about quality, only that nothing is broken).
+Run: .venv/bin/python bench/e2e.py --quick          (CPU: 64x64, 12 frames, windows 8/2, 25 steps)
      .venv/bin/python bench/e2e.py --device cuda    (576x1024, 48 frames, windows 24/6, 25 steps)
 """
 
@@ -20,10 +24,12 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MODES = ("published", "ours", "fast", "ays", "interval", "deepcache")
 
 
 def child(mode: str, args) -> dict:
@@ -33,8 +39,9 @@ def child(mode: str, args) -> dict:
     from PIL import Image
 
     from bench.fullsize import full_components, published_settings
-    from svd_animate.animate import place_pipeline
-    from svd_animate.memory import decode_chunk_for, free_memory
+    from svd_animate.animate import pipeline_arguments, place_pipeline
+    from svd_animate.config import AnimateConfig, with_fast_sampling
+    from svd_animate.memory import DEFAULT_DECODE_CHUNK, decode_chunk_for, free_memory
     from svd_controlnext.decode import iter_decoded_frames
     from svd_controlnext.pipeline import ControlNeXtSVDPipeline
 
@@ -56,11 +63,21 @@ def child(mode: str, args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    latents = pipe(reference, poses, height=height, width=width, num_frames=args.frames,
-                   num_inference_steps=args.steps, min_guidance_scale=3.0, max_guidance_scale=3.0,
-                   window_size=args.window, window_overlap=args.overlap,
-                   fusion="uniform" if published else "ramp", reference_pose_in_every_window=published,
-                   generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    if published:
+        arguments = dict(height=height, width=width, num_inference_steps=args.steps, min_guidance_scale=3.0,
+                         max_guidance_scale=3.0, window_size=args.window, window_overlap=args.overlap,
+                         fusion="uniform", reference_pose_in_every_window=True)
+    else:
+        config = AnimateConfig(base_model="tiny", width=width, height=height, steps=args.steps, window=args.window,
+                               overlap=args.overlap, min_guidance=3.0, max_guidance=3.0)
+        config = {"ours": config, "fast": with_fast_sampling(config),
+                  "ays": config.replace(steps=10, sigma_schedule="ays"),
+                  "interval": config.replace(guidance_sigma_min=0.28, guidance_sigma_max=5.42),
+                  "deepcache": config.replace(cache_interval=2)}[mode]
+        arguments = pipeline_arguments(config)
+    latents = pipe(reference, poses, num_frames=args.frames, generator=torch.Generator().manual_seed(0),
+                   output_type="latent", **arguments).frames
+    torch.save(latents.float().cpu(), Path(args.latents_dir) / f"{mode}.pt")
     sampled = time.perf_counter()
     checksum = 0
     if published:  # the whole video decoded into memory, then written
@@ -68,8 +85,9 @@ def child(mode: str, args) -> dict:
         checksum = int((video.float().mean() * 1000).item())
     else:
         free = free_memory(args.device)
-        chunk = decode_chunk_for(free[1] if device.type == "cuda" else free[0], width, height,
-                                 torch.finfo(dtype).bits // 8)
+        fits = decode_chunk_for(free[1] if device.type == "cuda" else free[0], width, height,
+                                torch.finfo(dtype).bits // 8)
+        chunk = min(DEFAULT_DECODE_CHUNK, fits)  # as `svd-animate` chooses it
         for frame in iter_decoded_frames(pipe.vae, latents, chunk):
             checksum += int(frame[0, 0, 0])
     if device.type == "cuda":
@@ -80,7 +98,8 @@ def child(mode: str, args) -> dict:
            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
            "peak_rss_over_models_gib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 2**20,
                                              3),
-           "dtype": str(dtype).replace("torch.", ""), "checksum": checksum}
+           "dtype": str(dtype).replace("torch.", ""), "checksum": checksum, "unet_calls_cached": pipe.cached_calls,
+           "guided_steps": pipe.guided_steps}
     if device.type == "cuda":
         out["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return out
@@ -95,33 +114,65 @@ def main():
     parser.add_argument("--window", type=int, default=24)
     parser.add_argument("--overlap", type=int, default=6)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--quick", action="store_true", help="64x64, 12 frames, windows 8/2, 3 steps (CPU)")
+    parser.add_argument("--quick", action="store_true", help="64x64, 12 frames, windows 8/2, 25 steps (CPU)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--latents-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.size, args.frames, args.window, args.overlap, args.steps = "64x64", 12, 8, 2, 3
+        args.size, args.frames, args.window, args.overlap = "64x64", 12, 8, 2
     args.dtype = args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
     if args.child:
         print(json.dumps(child(args.child, args)))
         return 0
+    modes = [mode for mode in MODES if mode in args.modes.split(",")]
     results = {}
-    for mode in ("ours", "published"):
-        command = [sys.executable, __file__, "--child", mode, "--device", args.device, "--dtype", args.dtype,
-                   "--size", args.size, "--frames", str(args.frames), "--window", str(args.window),
-                   "--overlap", str(args.overlap), "--steps", str(args.steps)]
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        if done.returncode:
-            sys.exit(f"{mode}: {done.stderr[-3000:]}")
-        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as latents_dir:
+        for mode in modes:
+            command = [sys.executable, __file__, "--child", mode, "--device", args.device, "--dtype", args.dtype,
+                       "--size", args.size, "--frames", str(args.frames), "--window", str(args.window),
+                       "--overlap", str(args.overlap), "--steps", str(args.steps), "--latents-dir", latents_dir]
+            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            if done.returncode:
+                sys.exit(f"{mode}: {done.stderr[-3000:]}")
+            results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(mode, json.dumps(results[mode]), file=sys.stderr, flush=True)
+        drift = latent_drift(Path(latents_dir), modes)
     memory = "peak_cuda_gib" if args.device.startswith("cuda") else "peak_rss_gib"
-    print(json.dumps({
+    summary = {
         "machine": platform.machine() + " CPU" if not args.device.startswith("cuda") else args.device,
         "architecture": "full-size SVD-XT + published pose encoder (random weights)", "size": args.size,
-        "frames": args.frames, "window": args.window, "overlap": args.overlap, "steps": args.steps, "modes": results,
-        "time_ratio": round(results["ours"]["seconds"] / results["published"]["seconds"], 4),
-        "peak_memory_ratio": round(results["ours"][memory] / results["published"][memory], 4),
-    }))
+        "frames": args.frames, "window": args.window, "overlap": args.overlap, "steps": args.steps, "modes": results}
+    seconds = {mode: result["seconds"] for mode, result in results.items()}
+    if "published" in seconds:
+        for mode, key in (("ours", "time_ratio"), ("fast", "time_ratio_fast")):
+            if mode in seconds:
+                summary[key] = round(seconds[mode] / seconds["published"], 4)
+        if "ours" in seconds:
+            summary["peak_memory_ratio"] = round(results["ours"][memory] / results["published"][memory], 4)
+    if "ours" in seconds:
+        summary["speedup"] = {mode: round(seconds["ours"] / seconds[mode], 3)
+                              for mode in ("fast", "ays", "interval", "deepcache") if mode in seconds}
+    summary["latents_vs_ours"] = drift
+    print(json.dumps(summary))
     return 0
+
+
+def latent_drift(folder: Path, modes) -> dict:
+    """How far each mode's final latents are from ours: max and mean absolute difference, each relative to ours'
+    (same seed, same noise). DeepCache alone keeps the schedule, so its drift is the cache's alone."""
+    import torch
+
+    if "ours" not in modes:
+        return {}
+    ours = torch.load(folder / "ours.pt", weights_only=True)
+    drift = {}
+    for mode in ("deepcache", "fast", "interval", "ays"):
+        if mode in modes:
+            difference = (torch.load(folder / f"{mode}.pt", weights_only=True) - ours).abs()
+            drift[mode] = {"max_relative": round((difference.max() / ours.abs().max()).item(), 4),
+                           "mean_relative": round((difference.mean() / ours.abs().mean()).item(), 4)}
+    return drift
 
 
 if __name__ == "__main__":
