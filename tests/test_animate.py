@@ -23,7 +23,7 @@ def test_presets_and_overrides():
 
 
 def test_unknown_preset_lists_the_built_in_ones():
-    with pytest.raises(InputError, match="no such preset.*controlnext-svd-v2, tiny"):
+    with pytest.raises(InputError, match="no such preset.*controlnext-svd-v2, fast, tiny"):
         load_preset("huge")
 
 
