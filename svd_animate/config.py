@@ -205,8 +205,12 @@ PUBLISHED_SAMPLING = {"fusion": "uniform", "prepend_reference_pose": True, "refe
 def with_published_sampling(config: AnimateConfig, explicit=()) -> AnimateConfig:
     """The published pipeline's settings over `config`, except the fields named in `explicit`
     (those the user set on purpose: `--dtype bf16 --published-sampling` keeps bf16)."""
-    changes = {key: value for key, value in PUBLISHED_SAMPLING.items() if key not in explicit}
-    return dataclasses.replace(config, published_sampling=True, **changes)
+    return _with_settings(config, PUBLISHED_SAMPLING, explicit, published_sampling=True)
+
+
+def _with_settings(config: AnimateConfig, settings: dict, explicit, **flag) -> AnimateConfig:
+    """`settings` over `config`, except the fields in `explicit`, with the field that records them (`flag`)."""
+    return dataclasses.replace(config, **flag, **{key: value for key, value in settings.items() if key not in explicit})
 
 
 # `--fast`: each value from its authors' figures on SVD (README, "Fast sampling"). AYS: NVIDIA's schedule made for SVD
@@ -219,8 +223,7 @@ FAST_SAMPLING = {"steps": 10, "sigma_schedule": "ays", "guidance_sigma_min": 0.2
 
 def with_fast_sampling(config: AnimateConfig, explicit=()) -> AnimateConfig:
     """The fast settings over `config`, except the fields named in `explicit` (`--fast --steps 12` keeps 12)."""
-    changes = {key: value for key, value in FAST_SAMPLING.items() if key not in explicit}
-    return dataclasses.replace(config, fast_sampling=True, **changes)
+    return _with_settings(config, FAST_SAMPLING, explicit, fast_sampling=True)
 
 
 def _check_type(name: str, value, annotation, where: str):
