@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` and `make test`.
+# Two entry points for a fresh machine: `make demo` and `make test` (and `make ui`, the web page).
 # Each creates .venv and installs what it needs. torch is installed first, pinned to the
 # CPU build, so nothing pulls a multi-GB CUDA wheel; a GPU user installs their own torch
 # into .venv first (see README) and it is kept.
@@ -13,13 +13,13 @@ DEMO_VIDEO ?= $(DATA)/driving_controlnext_v2_01.mp4
 DEMO_REF ?= $(DATA)/ref_controlnext_v2_01.jpeg
 DEMO_OUT ?= demo
 
-.PHONY: demo test bench clean
+.PHONY: demo ui test bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=64" wheel  # wheel: tests/test_packaging.py builds one
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,ui]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -30,6 +30,10 @@ demo: $(STAMP)
 	$(BIN)/svd-animate pose --video "$(DEMO_VIDEO)" --ref "$(DEMO_REF)" --max-frames 48 --stride 2 \
 		-o $(DEMO_OUT)/poses.npz --preview $(DEMO_OUT)/pose_preview.mp4
 	@echo "demo: wrote $(DEMO_OUT)/animation_tiny.mp4 (skeleton | tiny-model output), $(DEMO_OUT)/poses.npz and $(DEMO_OUT)/pose_preview.mp4 (source | aligned skeleton | on the reference)"
+
+ui: $(STAMP)
+	@echo "ui: the web page on the TINY preset (random weights: the result is noise); --preset controlnext-svd-v2 for real weights"
+	$(BIN)/svd-animate ui --preset tiny --examples "$(DATA)" --output-dir $(DEMO_OUT)/ui
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

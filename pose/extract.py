@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -84,8 +85,10 @@ def extract_video(
     settings: ExtractSettings = ExtractSettings(),
     cache: PoseCache | None = None,
     progress: bool = True,
+    on_frame: Callable[[int, int | None], None] | None = None,
 ) -> Extraction:
-    """Poses of the person in `video` (one per kept frame); a cache hit extracts nothing."""
+    """Poses of the person in `video` (one per kept frame); a cache hit extracts nothing. `on_frame(done,
+    expected)` is called after each frame (a page's progress bar; it may raise to stop the extraction)."""
     video = Path(video)
     info = probe_video(video)
     key = None
@@ -107,6 +110,8 @@ def extract_video(
             indices.append(index)
             crowded += (detector.people_seen or 0) > 1
             bar.update(1)
+            if on_frame is not None:
+                on_frame(len(frames), expected)
     finally:
         bar.close()
         detector.reset()
@@ -151,11 +156,12 @@ def warn_about_the_dancer(video, poses: PoseSequence) -> None:
 
 def extract_aligned(video, detector: PoseDetector, settings: ExtractSettings, cache: PoseCache | None,
                     reference: PoseSequence | None, method: str = "ls", reference_size: tuple[int, int] | None = None,
-                    fit_threshold: float | None = VISIBLE, progress: bool = True) -> Extraction:
+                    fit_threshold: float | None = VISIBLE, progress: bool = True,
+                    on_frame: Callable[[int, int | None], None] | None = None) -> Extraction:
     """The driving poses of `video` in the reference's frame: aligned to the `reference` pose (`ls`, `bones`),
     or with `none` the driving frame laid over a `reference_size` (width, height) image as it is. Shared by
     `svd-animate pose` and the main job."""
-    result = extract_video(video, detector, settings, cache, progress=progress)
+    result = extract_video(video, detector, settings, cache, progress=progress, on_frame=on_frame)
     poses = result.poses
     if method != "none":
         poses = align(poses, reference, method, fit_threshold)

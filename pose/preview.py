@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -24,8 +25,10 @@ def _fit_height(image: np.ndarray, height: int) -> np.ndarray:
 
 
 def write_preview(path, video, poses: PoseSequence, settings: ExtractSettings,
-                  reference: np.ndarray | None = None, height: int = PREVIEW_HEIGHT, progress: bool = True) -> Path:
-    """Stream the source frames again and write the panels side by side, atomically."""
+                  reference: np.ndarray | None = None, height: int = PREVIEW_HEIGHT, progress: bool = True,
+                  on_frame: Callable[[int, int], None] | None = None) -> Path:
+    """Stream the source frames again and write the panels side by side, atomically. `on_frame(done, total)`
+    is called after each frame written."""
     height = min(height, poses.height) // 2 * 2
     pose_width = max(2, round(poses.width * height / poses.height))
     dimmed = None
@@ -43,4 +46,6 @@ def write_preview(path, video, poses: PoseSequence, settings: ExtractSettings,
             if dimmed is not None:
                 panels.append(np.maximum(dimmed, skeleton).astype(np.uint8))
             writer.write(np.concatenate(panels, axis=1))
+            if on_frame is not None:
+                on_frame(writer.frames_written, len(poses))
     return Path(path)

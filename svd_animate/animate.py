@@ -48,6 +48,7 @@ class AnimateResult:
     fps: float
     seed: int
     audio: bool = False
+    poses: PoseSequence | None = None  # the driving poses in the reference's frame (what `svd-animate pose` saves)
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
@@ -205,14 +206,13 @@ def with_target_fps(config: AnimateConfig, pose_input: Path) -> AnimateConfig:
     return config.replace(stride=stride)
 
 
-def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, detector: Callable[[], PoseDetector],
-                  cache: PoseCache | None, progress: bool = True,
-                  load: Callable[[Path, AnimateConfig, bool], Reference] | None = None,
-                  ) -> tuple[PoseSequence, np.ndarray]:
-    """Driving poses in the output frame (the reference's own pose first when the config asks for
-    the published layout), and the reference framed to the output size. `detector()` gives the pose
-    detector; it is only called when a pose has to be detected. `load(path, config, needs_pose)` may
-    stand in for `load_reference` (a batch reads each reference once)."""
+def reference_frame_poses(pose_input: Path, reference: Path, config: AnimateConfig,
+                          detector: Callable[[], PoseDetector], cache: PoseCache | None, progress: bool = True,
+                          load: Callable[[Path, AnimateConfig, bool], Reference] | None = None,
+                          on_frame: Callable[[int, int | None], None] | None = None,
+                          ) -> tuple[PoseSequence, Reference]:
+    """The driving poses aligned in the reference image's frame, what `svd-animate pose --ref` saves, and the
+    reference. `on_frame(done, expected)` is called after each extracted frame."""
     load = load or (lambda path, cfg, needs_pose: load_reference(path, cfg, detector if needs_pose else None))
     cap = driving_frames_cap(config)
     needs_pose = config.prepend_reference_pose or (config.align != "none" and not is_pose_file(pose_input))
@@ -226,14 +226,17 @@ def prepare_poses(pose_input: Path, reference: Path, config: AnimateConfig, dete
         if config.published_sampling:
             logger.warning("%s: poses keep the alignment `svd-animate pose` gave them; the published fit "
                            "(whole video, every keypoint) needs the driving video as --pose", pose_input)
-        poses = poses.select(slice(0, cap)) if cap else poses
-    else:
-        poses = driving_poses(pose_input, ref, config, detector, cache, progress)
+        return (poses.select(slice(0, cap)) if cap else poses), ref
+    return driving_poses(pose_input, ref, config, detector, cache, progress, on_frame), ref
+
+
+def output_frame_poses(poses: PoseSequence, ref: Reference, config: AnimateConfig) -> PoseSequence:
+    """Reference-frame poses mapped into the output frame, the reference's pose first when asked."""
     published = config.published_sampling
     poses = crop_poses(poses, config.width, config.height, published)
     if config.prepend_reference_pose:
         poses = prepend_pose(poses, crop_poses(ref.pose, config.width, config.height, published))
-    return poses, ref.image
+    return poses
 
 
 def extract_settings(config: AnimateConfig) -> ExtractSettings:
@@ -244,14 +247,15 @@ def extract_settings(config: AnimateConfig) -> ExtractSettings:
 
 
 def driving_poses(video: Path, ref: Reference, config: AnimateConfig, detector: Callable[[], PoseDetector],
-                  cache: PoseCache | None, progress: bool) -> PoseSequence:
+                  cache: PoseCache | None, progress: bool, on_frame=None) -> PoseSequence:
     """The driving poses in the reference pose's frame. Ours fits the alignment on the kept frames and
     confident keypoints; published fits every strided frame of the whole video and every keypoint
     (`dwpose/preprocess.py`, `get_video_pose`: `max_frame_num` is computed there but never used), then
     keeps the first frames."""
     cap = driving_frames_cap(config)
     poses = extract_aligned(video, detector(), extract_settings(config), cache, ref.pose, config.align,
-                            ref.original_size, None if config.published_sampling else VISIBLE, progress).poses
+                            ref.original_size, None if config.published_sampling else VISIBLE, progress,
+                            on_frame).poses
     return poses.select(slice(0, cap)) if cap else poses
 
 
@@ -362,6 +366,27 @@ class Animator:
                                                disable=not self.progress)
         return self._pipe
 
+    def reconfigure(self, config: AnimateConfig) -> None:
+        """Use `config` for the next jobs, keeping the loaded models: every field may change but those that
+        decide which models load (`LOAD_KEYS`). Unlike per-job overrides, a None here does reset a field."""
+        changed = [key for key in LOAD_KEYS if getattr(config, key) != getattr(self.config, key)]
+        if changed:
+            raise InputError(f"{', '.join(changed)}: fixed while the models are loaded")
+        self.config = config
+
+    def poses(self, reference, pose_input, on_frame=None) -> tuple[PoseSequence, Reference]:
+        """The driving poses aligned to `reference` in its own frame, and the reference, as the next job will
+        use them (the pose cache makes the extraction once per clip and settings)."""
+        reference, pose_input = Path(reference), Path(pose_input)
+        config = with_target_fps(self.config, pose_input) if pose_input.is_file() else self.config
+        for path in (reference, pose_input):
+            if not path.is_file():
+                raise InputError(f"{path}: no such file")
+        if is_image_path(pose_input):
+            raise InputError(f"{pose_input}: is an image; --pose takes a driving video or a poses .npz")
+        return reference_frame_poses(pose_input, reference, config, self.detector, self.cache, self.progress,
+                                     self.reference, on_frame)
+
     def close(self) -> None:
         self._resources.close()
         self._detector = None
@@ -405,7 +430,10 @@ class Animator:
         if expected:  # a video too long for this machine is refused before any pose is extracted
             check_frames_fit(expected, config.width, config.height, self.dtype, self.device, side_by_side)
 
-    def __call__(self, reference, pose_input, output, side_by_side: bool = False, **overrides) -> AnimateResult:
+    def __call__(self, reference, pose_input, output, side_by_side: bool = False,
+                 on_progress: Callable[[str, int, int | None], None] | None = None, **overrides) -> AnimateResult:
+        """One job. `on_progress(stage, done, total)` is called after each extracted frame ("poses"), sampling step
+        ("sampling") and decoded frame ("decoding"); it may raise to stop the job, which then writes nothing."""
         refused = sorted(set(overrides) & set(LOAD_KEYS))
         if refused:
             raise InputError(f"{', '.join(refused)}: fixed for the whole run, not per job")
@@ -416,8 +444,10 @@ class Animator:
         self.check(reference, pose_input, output, config, side_by_side)
         width, height = config.width, config.height
 
-        poses, reference_image = prepare_poses(pose_input, reference, config, self.detector,
-                                               self.cache, self.progress, self.reference)
+        report = on_progress or (lambda stage, done, total: None)
+        aligned, ref = reference_frame_poses(pose_input, reference, config, self.detector, self.cache, self.progress,
+                                             self.reference, lambda done, total: report("poses", done, total))
+        poses, reference_image = output_frame_poses(aligned, ref, config), ref.image
         check_frames_fit(len(poses), width, height, self.dtype, self.device, side_by_side)
         pose_frames = render_frames(poses, height, width)
         fps = output_fps(poses, config)
@@ -431,19 +461,24 @@ class Animator:
         use_scheduler(pipe, config.scheduler, self._svd_scheduler)
         seed = config.seed if config.seed >= 0 else secrets.randbelow(2**31)  # -1: a new one, reported
         generator = torch.Generator(device="cpu").manual_seed(seed)
+        def each_step(pipe, step, timestep, tensors):
+            report("sampling", step + 1, config.steps)
+            return tensors
+
         try:
             latents = pipe(Image.fromarray(reference_image), pose_frames, generator=generator, output_type="latent",
-                           **pipeline_arguments(config)).frames
+                           callback_on_step_end=each_step, **pipeline_arguments(config)).frames
             with VideoWriter(output, fps=fps, audio=audio) as writer:
                 audio = writer.audio  # (a .gif has none)
                 decoded = iter_decoded_frames(pipe.vae, latents, self.decode_chunk(config), self.progress)
                 for index, frame in enumerate(decoded):
                     writer.write(np.concatenate([pose_frames[index], frame], axis=1) if side_by_side else frame)
+                    report("decoding", index + 1, len(pose_frames))
         except torch.cuda.OutOfMemoryError:
             raise InputError(f"out of memory on {self.device} at {width}x{height} with windows of {config.window} "
                              "frames: try --offload model, a smaller --window, --height/--width or --dtype fp16"
                              ) from None
-        return AnimateResult(output, len(pose_frames), fps, seed, audio is not None)
+        return AnimateResult(output, len(pose_frames), fps, seed, audio is not None, aligned)
 
 
 def pipeline_arguments(config: AnimateConfig) -> dict:

@@ -2,7 +2,7 @@
 
 Sub-commands: `animate` (the default: `svd-animate --ref img.png --pose dance.mp4`), `batch` (many
 references x many clips), `pose` (driving video -> aligned skeletons), `prepare-data` and `train`
-(fine-tuning), `convert` (published checkpoints -> diffusers-style folder).
+(fine-tuning), `convert` (published checkpoints -> diffusers-style folder), `ui` (a local web page).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from svd_animate.options import add_generation_options
 from svd_common.errors import InputError, UserError
 
 logger = logging.getLogger("svd_animate")
@@ -43,23 +44,12 @@ def _seconds(text: str) -> float:
 
 
 def add_pose_source_options(p, align_default: str | None) -> None:
-    """Options shared by every command that extracts poses: backend, alignment (unless
-    `align_default` is None), cache."""
-    from pose.align import ALIGN_METHODS
-    from pose.detect import DETECTORS
+    """Options shared by every command that extracts poses: backend, alignment (unless `align_default` is
+    None), cache (defined in svd_animate/options.py)."""
+    from svd_animate.options import pose_source_options
 
-    p.add_argument("--detector", choices=DETECTORS,
-                   help="pose backend (default: auto = DWPose, fetched once from the hub yzd-v/DWPose (~350 MB) when "
-                        "not found locally; MediaPipe, with a warning, when offline or HF_HUB_OFFLINE=1. dwpose: an "
-                        "error instead of falling back; mediapipe: never uses the network)")
-    p.add_argument("--dwpose-dir", type=Path, help="folder with yolox_l.onnx and dw-ll_ucoco_384.onnx")
-    if align_default is not None:
-        p.add_argument("--align", choices=[*ALIGN_METHODS, "none"],
-                       help="ls: the published least-squares fit; bones: ls plus the reference's limb lengths; "
-                            f"none: keep the driving positions (default: {align_default})")
-    p.add_argument("--cache-dir", type=Path, help="pose cache folder (default: $SVD_ANIMATE_CACHE or "
-                                                  "~/.cache/svd-animate/poses)")
-    p.add_argument("--no-cache", action="store_true", help="extract again even when the cache has these poses")
+    for option in pose_source_options(align_default):
+        option.add_to(p)
 
 
 def add_pose_parser(subparsers) -> None:
@@ -137,69 +127,11 @@ def run_pose(args) -> int:
     return 0
 
 
-def add_config_flags(p) -> None:
-    """One flag per `AnimateConfig` field that has one: type, allowed values and help come from the field
-    (svd_animate/config.py); values are checked when the config is made, before anything loads."""
-    import dataclasses
-
-    from svd_animate.config import AnimateConfig, allowed_values, field_types
-
-    types = field_types(AnimateConfig)
-    for field in dataclasses.fields(AnimateConfig):
-        flag = field.metadata.get("flag", "")
-        if flag is None:
-            continue
-        flag = flag or "--" + field.name.replace("_", "-")
-        kind = types[field.name]
-        if kind is bool:
-            action = "store_false" if flag.startswith("--no-") else "store_true"
-            p.add_argument(flag, dest=field.name, action=action, default=None, help=field.metadata["help"])
-        elif allowed_values(kind) is not None:
-            p.add_argument(flag, dest=field.name, choices=allowed_values(kind), help=field.metadata["help"])
-        else:
-            base = next((t for t in (int, float, str) if t == kind or t in getattr(kind, "__args__", ())), str)
-            p.add_argument(flag, dest=field.name, type=base, help=field.metadata["help"])
-
-
-def add_generation_options(p) -> None:
-    """The options of a generation run, shared by `animate` and `batch` (preset values are defaults)."""
-    p.add_argument("--preset", default="controlnext-svd-v2",
-                   help="controlnext-svd-v2 (default), tiny (random weights, runs anywhere), or a YAML file")
-    p.add_argument("--weights", type=Path, help="folder from `svd-animate convert` or training (pose_encoder/, unet/)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance (min and max)")
-    p.add_argument("--published-sampling", action="store_true",
-                   help="the published ControlNeXt-SVD-v2 path: its sampler exactly (reference pose as frame 0 and at "
-                        "position 0 of every window, plain window mean), its reference framing and alignment fit, "
-                        "DWPose, fp32, decode chunks of 2, at most 240 frames, fps floored, no audio (flags given "
-                        "explicitly still win; README: differences)")
-    p.add_argument("--fast", action="store_true",
-                   help="fast sampling: Align Your Steps at 10 steps, guidance only for noise levels in (0.28, 5.42], "
-                        "DeepCache every 2nd step (about a quarter of the published time; flags given explicitly "
-                        "still win; README: fast sampling)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--side-by-side", action="store_true", help="write skeleton | result")
-    add_config_flags(p)
-    add_pose_source_options(p, align_default="the preset's, ls")
-
-
 def config_from_args(args):
     """The preset, then --published-sampling or --fast, then every flag given (None: not given)."""
-    import dataclasses
+    from svd_animate.options import config_from_values
 
-    from svd_animate.config import (AnimateConfig, expand_shortcuts, load_preset, with_fast_sampling,
-                                    with_published_sampling)
-
-    flags = {field.name: getattr(args, field.name, None) for field in dataclasses.fields(AnimateConfig)}
-    flags = expand_shortcuts({**flags, "guidance": args.guidance})
-    config = load_preset(args.preset)
-    explicit = [key for key, value in flags.items() if value is not None]
-    if args.published_sampling:
-        if args.low_vram:  # its one-frame decode chunks win over the published 2, as an explicit --decode-chunk would
-            explicit.append("decode_chunk_size")
-        config = with_published_sampling(config, explicit)
-    if args.fast:
-        config = with_fast_sampling(config, explicit)
-    return config.replace(**flags)
+    return config_from_values(vars(args))
 
 
 def random_weights_label(config) -> str:
@@ -401,6 +333,68 @@ def run_convert(args) -> int:
     return 0
 
 
+def add_ui_parser(subparsers) -> None:
+    from svd_animate.options import generation_options
+
+    p = subparsers.add_parser(
+        "ui", help="a local web page: check the skeletons, then animate",
+        description="Serve a web page (Gradio) for the main job: upload a reference and a driving clip, see the "
+                    "aligned skeletons (step 1), animate (step 2) with progress and a Cancel button, download the "
+                    "video and poses.npz. One job runs at a time; the models load once. The options below are "
+                    "fixed for the server; the per-job ones are on the page.",
+    )
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=_positive_int, default=7860, help="port (default 7860)")
+    p.add_argument("--output-dir", type=Path, default=Path("svd-animate-ui"),
+                   help="folder for uploads (uploads/) and one folder per job (default ./svd-animate-ui)")
+    p.add_argument("--examples", type=Path, help="folder whose images and videos the page offers as examples")
+    for option in generation_options():
+        if option.name == "preset" or not (option.on_page or option.name == "no_cache"):
+            option.add_to(p)
+    p.set_defaults(run=run_ui)
+
+
+def run_ui(args) -> int:
+    import dataclasses
+    import os
+
+    from svd_animate.config import AnimateConfig, load_preset
+    from svd_common.video import check_writable
+
+    load_preset(args.preset)  # an unknown preset: one line now, not a broken page
+    output_dir = args.output_dir.resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(output_dir / "probe")
+    if args.examples is not None and not args.examples.is_dir():
+        raise InputError(f"--examples {args.examples}: no such folder")
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(output_dir / "uploads"))  # uploads live in the output folder
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise InputError("the web page needs Gradio: pip install 'svd-animate[ui]' (or 'gradio>=6,<7')") from None
+    from svd_animate.ui.jobs import JobRunner
+    from svd_animate.ui.page import serve
+
+    fields = {field.name for field in dataclasses.fields(AnimateConfig)}
+    fixed = {name: value for name, value in vars(args).items() if name in fields}
+    runner = JobRunner(output_dir, args.weights, args.device, args.cache_dir, args.dwpose_dir, fixed,
+                       progress=not args.quiet)
+    print(f"{PROG} ui: http://{args.host}:{args.port} (results in {output_dir}; Ctrl-C stops)", flush=True)
+    try:
+        serve(runner, args.host, args.port, args.preset, args.examples.resolve() if args.examples else None)
+    except OSError as e:
+        raise InputError(f"cannot serve on {args.host}:{args.port}: {one_line(e)}") from None
+    finally:
+        runner.close()
+    return 0
+
+
+def one_line(error) -> str:
+    return " ".join(str(error).split())
+
+
 class CommandParser(argparse.ArgumentParser):
     """argparse whose errors (`--steps abc`, `--fusion cosine`) are one line like every other error of the
     command, not the usage block first; the sub-command parsers are made with this class too."""
@@ -421,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_data_parser(subparsers)
     add_train_parser(subparsers)
     add_convert_parser(subparsers)
+    add_ui_parser(subparsers)
     for sub in subparsers.choices.values():
         sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -20,6 +20,14 @@ def publish(tmp, path) -> Path:
     return Path(path)
 
 
+def publish_folder(tmp, path) -> Path:
+    """Rename the folder `tmp` (made by `tempfile.mkdtemp`, owner-only) to `path` with a plain folder's mode:
+    a job built in a hidden folder appears whole or not at all."""
+    os.chmod(tmp, 0o777 & ~_umask())
+    os.replace(tmp, path)
+    return Path(path)
+
+
 def write_json(path, data, indent: int | None = 1) -> Path:
     """JSON written to a temporary name beside `path`, then renamed over it: readers never see half a file."""
     import json

@@ -29,3 +29,7 @@ class ResourceError(UserError):
 
 class TrainingError(UserError):
     """A training run had to stop (a non-finite loss); the last good checkpoint is kept."""
+
+
+class Cancelled(UserError):
+    """The user stopped the job (the page's Cancel button); nothing of it was written."""
