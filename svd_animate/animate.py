@@ -33,6 +33,7 @@ from svd_common.video import (AudioClip, VideoWriter, check_output_container, ch
                               probe_video, read_image)
 from svd_controlnext.decode import iter_decoded_frames
 from svd_controlnext.schedules import ays_sigmas, make_scheduler
+from svd_controlnext.windows import plan_windows
 
 from .config import LOAD_KEYS, OFFLOAD_MODES, TINY, AnimateConfig
 from .framing import crop_poses, crop_reference, crop_reference_published
@@ -433,7 +434,8 @@ class Animator:
     def __call__(self, reference, pose_input, output, side_by_side: bool = False,
                  on_progress: Callable[[str, int, int | None], None] | None = None, **overrides) -> AnimateResult:
         """One job. `on_progress(stage, done, total)` is called after each extracted frame ("poses"), sampling step
-        ("sampling") and decoded frame ("decoding"); it may raise to stop the job, which then writes nothing."""
+        ("sampling", counted in steps x windows) and decoded frame ("decoding"); it may raise to stop the job, which
+        then writes nothing."""
         refused = sorted(set(overrides) & set(LOAD_KEYS))
         if refused:
             raise InputError(f"{', '.join(refused)}: fixed for the whole run, not per job")
@@ -461,8 +463,10 @@ class Animator:
         use_scheduler(pipe, config.scheduler, self._svd_scheduler)
         seed = config.seed if config.seed >= 0 else secrets.randbelow(2**31)  # -1: a new one, reported
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        def each_step(pipe, step, timestep, tensors):
-            report("sampling", step + 1, config.steps)
+        windows = len(plan_windows(len(pose_frames), config.window or len(pose_frames), config.overlap))
+
+        def each_step(pipe, step, timestep, tensors):  # counted in steps x windows, as the CLI's bar counts
+            report("sampling", (step + 1) * windows, config.steps * windows)
             return tensors
 
         try:

@@ -18,6 +18,7 @@ from svd_animate.ui.jobs import CancelFlag, JobRunner  # noqa: E402
 from svd_animate.ui.page import Page, error_status, page_options, values_from_inputs  # noqa: E402
 from svd_common.errors import Cancelled, InputError, NoPersonError, UserError  # noqa: E402
 from svd_common.video import VideoWriter  # noqa: E402
+from svd_controlnext.windows import plan_windows  # noqa: E402
 
 CLIP = "driving_controlnext_v2_01.mp4"
 REF = "ref_controlnext_v2_01.jpeg"
@@ -174,15 +175,19 @@ def test_animation_job_writes_the_video_and_poses_with_models_loaded_once(runner
 def test_cancel_stops_sampling_at_once_and_leaves_nothing(runner, shared_data):
     before = job_folders(runner)
     flag, seen = CancelFlag(), []
+    windows = len(plan_windows(16, 8, 2))  # 16 frames in the tiny preset's windows of 8 sharing 2: 3 windows
 
     def on_progress(stage, done, total):
-        seen.append((stage, done))
-        if stage == "sampling" and done == 2:
+        seen.append((stage, done, total))
+        if stage == "sampling" and done == 2 * windows:
             flag.cancel()
 
     with pytest.raises(Cancelled):
-        runner.animate(shared_data / REF, shared_data / CLIP, {**TINY, "steps": 50}, on_progress, flag)
-    assert [s for s in seen if s[0] == "sampling"] == [("sampling", 1), ("sampling", 2)]  # step 3 never ran
+        runner.animate(shared_data / REF, shared_data / CLIP, {**TINY, "max_frames": 16, "steps": 50}, on_progress,
+                       flag)
+    assert windows == 3
+    # progress in steps x windows; step 3 never ran
+    assert [s for s in seen if s[0] == "sampling"] == [("sampling", 3, 150), ("sampling", 6, 150)]
     assert job_folders(runner) == before  # no partial folder, no partial file
     assert runner._lock.acquire(blocking=False)  # the worker is free for the next job
     runner._lock.release()

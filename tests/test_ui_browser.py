@@ -144,12 +144,14 @@ def test_poses_then_animation_in_the_page(page, server, shared_data, tmp_path):
     assert preview["duration"] == pytest.approx(8 / 7.25, abs=0.15)
     assert PoseSequence.load(saved_folder(text) / "poses.npz").meta["align"]["method"] == "ls"
 
+    page.locator("#opt-side_by_side input").check()
     page.click("#animate")
     text = wait_for_status(page, "Animation:", "Error")
     assert text.startswith("Animation: 8 frames at 7.25 fps"), text
     assert "RANDOM WEIGHTS" in text
     result = video_element(page, "result")  # Chromium can play it
     assert result["duration"] == pytest.approx(8 / 7.25, abs=0.15)
+    assert result["width"] == 2 * 64  # skeleton | result
     folder = saved_folder(text)
     (video,) = folder.glob("*.mp4")
     with av.open(str(video)) as container:
@@ -158,6 +160,7 @@ def test_poses_then_animation_in_the_page(page, server, shared_data, tmp_path):
     links = page.locator("#downloads a").evaluate_all("links => links.map(a => decodeURIComponent(a.getAttribute('download') || a.href))")
     assert any(name.endswith(".mp4") for name in links) and any("poses.npz" in name for name in links), links
     assert "Traceback" not in page.inner_text("body")
+    assert any((server.output_dir / "uploads").rglob(CLIP))  # uploads live in --output-dir too
     page.screenshot(path=str(tmp_path / "ui.png"), full_page=True)
     if os.environ.get("SVD_ANIMATE_SCREENSHOT"):  # refreshes docs/ui.png: SVD_ANIMATE_SCREENSHOT=docs/ui.png
         shutil.copy(tmp_path / "ui.png", os.environ["SVD_ANIMATE_SCREENSHOT"])
@@ -187,7 +190,7 @@ def test_cancel_stops_the_job_and_leaves_no_file(page, server, shared_data):
     set_option(page, "max_frames", "8")
     set_option(page, "steps", "400")
     page.click("#animate")
-    page.wait_for_function("() => document.body.innerText.includes('sampling (steps)')")  # the progress, in the page
+    page.wait_for_function("() => document.body.innerText.includes('sampling (steps × windows)')")  # the progress, in the page
     page.click("#cancel")
     text = wait_for_status(page, "Cancelled", "Animation:", "Error", timeout=60_000)
     assert text == "Cancelled: the job was stopped and nothing was written."
@@ -213,7 +216,7 @@ def test_a_second_visitor_sees_their_place_in_the_queue(browser, server, shared_
     try:
         set_option(first, "steps", "400")
         first.click("#animate")
-        first.wait_for_function("() => document.body.innerText.includes('sampling (steps)')")
+        first.wait_for_function("() => document.body.innerText.includes('sampling (steps × windows)')")
         second.click("#show-poses")
         second.wait_for_function("() => /queue: *1\\/1/.test(document.body.innerText)")
         first.click("#cancel")

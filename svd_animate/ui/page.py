@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 MAIN_ROWS = (("preset", "align", "fast", "side_by_side"), ("steps", "seed", "stride", "max_frames", "width", "height"))
 MAIN_OPTIONS = sum(MAIN_ROWS, ())
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
-STAGES = {"poses": "extracting poses", "preview": "drawing the preview", "sampling": "sampling (steps)",
+STAGES = {"poses": "extracting poses", "preview": "drawing the preview", "sampling": "sampling (steps × windows)",
           "decoding": "decoding frames"}
 CONFIG_FIELDS = {field.name for field in dataclasses.fields(AnimateConfig)}
 CSS = "#status.error {color: var(--error-text-color);}"
@@ -185,7 +185,7 @@ class Page:
 
         def on_progress(stage: str, done: int, total: int | None) -> None:
             progress((done, total) if total else None, desc=STAGES.get(stage, stage), unit="frames" if stage in (
-                "poses", "preview", "decoding") else "steps")
+                "poses", "preview", "decoding") else "window steps")
 
         try:
             flag.check()  # cancelled while it waited in the queue
@@ -252,10 +252,12 @@ class Page:
                         option = next(o for o in self.options if o.name == name)
                         inputs[name] = make_input(option, config, presets, self.preset)
             with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
-                with gr.Row():
-                    for option in self.options:
-                        if option.name not in MAIN_OPTIONS:
-                            inputs[option.name] = make_input(option, config)
+                advanced = [option for option in self.options if option.name not in MAIN_OPTIONS]
+                for switches in (True, False):  # the tick boxes (long help) in a row of their own
+                    with gr.Row():
+                        for option in advanced:
+                            if option.is_switch == switches:
+                                inputs[option.name] = make_input(option, config)
             ordered = [inputs[option.name] for option in self.options]
             with gr.Row():
                 poses_button = gr.Button("1 · Show poses", variant="secondary", elem_id="show-poses")
