@@ -357,6 +357,7 @@ def add_ui_parser(subparsers) -> None:
 
 def run_ui(args) -> int:
     import dataclasses
+    import importlib.util
     import os
 
     from svd_animate.config import AnimateConfig, load_preset
@@ -370,10 +371,8 @@ def run_ui(args) -> int:
         raise InputError(f"--examples {args.examples}: no such folder")
     os.environ.setdefault("GRADIO_TEMP_DIR", str(output_dir / "uploads"))  # uploads live in the output folder
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        raise InputError("the web page needs Gradio: pip install 'svd-animate[ui]' (or 'gradio>=6,<7')") from None
+    if importlib.util.find_spec("gradio") is None:
+        raise InputError("the web page needs Gradio: pip install 'svd-animate[ui]' (or 'gradio>=6,<7')")
     from svd_animate.ui.jobs import JobRunner
     from svd_animate.ui.page import serve
 
@@ -381,11 +380,16 @@ def run_ui(args) -> int:
     fixed = {name: value for name, value in vars(args).items() if name in fields}
     runner = JobRunner(output_dir, args.weights, args.device, args.cache_dir, args.dwpose_dir, fixed,
                        progress=not args.quiet)
-    print(f"{PROG} ui: http://{args.host}:{args.port} (results in {output_dir}; Ctrl-C stops)", flush=True)
     try:
-        serve(runner, args.host, args.port, args.preset, args.examples.resolve() if args.examples else None)
-    except OSError as e:
-        raise InputError(f"cannot serve on {args.host}:{args.port}: {one_line(e)}") from None
+        try:
+            blocks = serve(runner, args.host, args.port, args.preset,
+                           args.examples.resolve() if args.examples else None)
+        except OSError as e:
+            reason = f"port {args.port} is in use (choose another with --port)" if "empty port" in str(e) \
+                else one_line(e)
+            raise InputError(f"cannot serve on {args.host}:{args.port}: {reason}") from None
+        print(f"{PROG} ui: http://{args.host}:{args.port} (results in {output_dir}; Ctrl-C stops)", flush=True)
+        blocks.block_thread()
     finally:
         runner.close()
     return 0

@@ -251,3 +251,16 @@ def test_ui_command_refuses_a_bad_preset_and_examples_in_one_line(tmp_path, caps
     assert cli.main(["ui", "--examples", str(tmp_path / "none"), "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such folder" in err
+
+
+def test_ui_command_refuses_a_port_in_use_in_one_line(tmp_path, capsys, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # run_ui only sets it when unset
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["ui", "--preset", "tiny", "--port", str(port), "--output-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"svd-animate: error: cannot serve on 127.0.0.1:{port}: port {port} is in use "
+                                       "(choose another with --port)\n")

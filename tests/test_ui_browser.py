@@ -53,6 +53,7 @@ def server(tmp_path_factory, shared_data):
     port = free_port()
     env = {**os.environ, "SVD_ANIMATE_CACHE": str(base / "pose-cache"), "HF_HUB_OFFLINE": "1",
            "HF_HUB_CACHE": str(base / "hub"), "GLOG_minloglevel": "2"}
+    env.pop("GRADIO_TEMP_DIR", None)  # uploads must go to --output-dir/uploads
     log = open(base / "server.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "svd_animate", "ui", "--preset", "tiny", "--port", str(port),
                                 "--output-dir", str(base / "site"), "--detector", "mediapipe", "--device", "cpu",

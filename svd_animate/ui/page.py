@@ -284,8 +284,9 @@ class Page:
         return blocks
 
 
-def serve(runner: JobRunner, host: str, port: int, preset: str, examples: Path | None, block: bool = True):
-    """Build the page and serve it (uploads and results are served from the runner's output folder)."""
+def serve(runner: JobRunner, host: str, port: int, preset: str, examples: Path | None):
+    """Build the page and start serving it in the background (uploads and results are served from the runner's
+    output folder); `block_thread()` on the result waits until Ctrl-C."""
     page = Page(runner, preset, examples)
     blocks = page.build()
     allowed = [str(runner.output_dir)] + ([str(examples)] if examples else [])
@@ -293,5 +294,5 @@ def serve(runner: JobRunner, host: str, port: int, preset: str, examples: Path |
                               font_mono=["ui-monospace", "monospace"])  # no web fonts: the page works offline
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests, one INFO line each
     blocks.launch(server_name=host, server_port=port, allowed_paths=allowed, show_error=False, quiet=True,
-                  prevent_thread_lock=not block, theme=theme, css=CSS)
+                  prevent_thread_lock=True, theme=theme, css=CSS)
     return blocks
