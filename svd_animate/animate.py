@@ -28,7 +28,7 @@ from pose.detect.base import PoseDetector
 from pose.extract import ExtractSettings, detect_reference, expected_count, extract_aligned
 from pose.render import render_sequence
 from pose.skeleton import PoseSequence
-from svd_common.errors import InputError, UserError, WeightsError
+from svd_common.errors import InputError, ResourceError, UserError, WeightsError
 from svd_common.video import (AudioClip, VideoWriter, check_output_container, check_writable, has_audio, is_image_path,
                               probe_video, read_image)
 from svd_controlnext.decode import iter_decoded_frames
@@ -373,6 +373,9 @@ class Animator:
         changed = [key for key in LOAD_KEYS if getattr(config, key) != getattr(self.config, key)]
         if changed:
             raise InputError(f"{', '.join(changed)}: fixed while the models are loaded")
+        if detector_name(config) != detector_name(self.config):  # --published-sampling turns auto into DWPose
+            self.close()
+            self._references.clear()
         self.config = config
 
     def poses(self, reference, pose_input, on_frame=None) -> tuple[PoseSequence, Reference]:
@@ -479,9 +482,9 @@ class Animator:
                     writer.write(np.concatenate([pose_frames[index], frame], axis=1) if side_by_side else frame)
                     report("decoding", index + 1, len(pose_frames))
         except torch.cuda.OutOfMemoryError:
-            raise InputError(f"out of memory on {self.device} at {width}x{height} with windows of {config.window} "
-                             "frames: try --offload model, a smaller --window, --height/--width or --dtype fp16"
-                             ) from None
+            raise ResourceError(f"out of memory on {self.device} at {width}x{height} with windows of {config.window} "
+                                "frames: try --offload model, a smaller --window, --height/--width or --dtype fp16"
+                                ) from None
         return AnimateResult(output, len(pose_frames), fps, seed, audio is not None, aligned)
 
 

@@ -164,7 +164,7 @@ def run_animate(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = None if args.no_cache else PoseCache(args.cache_dir)
     result = animate(args.ref, args.pose, output, config, weights=args.weights, device=device,
-                     side_by_side=args.side_by_side, cache=cache, dwpose_dir=args.dwpose_dir,
+                     side_by_side=bool(args.side_by_side), cache=cache, dwpose_dir=args.dwpose_dir,
                      progress=not args.quiet)
     audio = ", with the driving clip's audio" if result.audio else ""
     seed = f", seed {result.seed}" if config.seed < 0 else ""
@@ -223,7 +223,7 @@ def run_batch(args) -> int:
     for path, reason in unreadable.items():
         logger.warning("%s (its jobs will be recorded as failed)", reason)
     options = batch.BatchOptions(outdir, args.weights, args.device, args.cache_dir, not args.no_cache,
-                                 args.dwpose_dir, args.overwrite, args.side_by_side, progress=not args.quiet)
+                                 args.dwpose_dir, args.overwrite, bool(args.side_by_side), progress=not args.quiet)
     if args.dry_run:
         print(batch.dry_run_listing(jobs, config, options, unreadable))
         return 0

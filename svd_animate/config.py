@@ -1,8 +1,8 @@
 """Inference settings: one dataclass field per option, the only place it is defined.
 
 Each field carries its type (a `Literal` lists the allowed values), default, help text and where it
-may be set (`option`). The CLI flags (`cli.add_config_flags`), YAML preset keys (`load_preset`), batch
-manifest columns (`JOB_OPTIONS`) and per-job overrides are all derived from these fields, and every
+may be set (`option`). The CLI flags and the web page's inputs (`options.config_options`), YAML preset keys
+(`load_preset`), batch manifest columns (`per_job_fields`) and per-job overrides are all derived from these fields, and every
 value is checked when a config is made (`check_config`), before any model or pose is loaded.
 """
 

@@ -1,7 +1,7 @@
 """The options of a generation run, each defined once.
 
 `generation_options()` lists them: the run-level ones (preset, the sampling shortcuts, side by side), one per
-`AnimateConfig` field that has a flag (type, allowed values, minimum and help come from the field), and the pose
+`AnimateConfig` field that has a flag (type, allowed values and help come from the field), and the pose
 source. The CLI (`animate`, `batch`) adds them to its parsers with `Option.add_to`; the web page (`svd-animate ui`)
 builds one input from each `on_page` option; both turn what was given into a config with `config_from_values`.
 """
@@ -32,7 +32,6 @@ class Option:
     flag: str = ""  # "" derives `--name-with-dashes`
     choices: tuple | None = None
     default: object = None  # None: not given (the preset's value applies)
-    minimum: float | None = None
     on_page: bool = True
 
     @property
@@ -71,7 +70,7 @@ def config_options() -> list[Option]:
         kind = next((t for t in (bool, int, float, str) if t == annotation or t in getattr(annotation, "__args__", ())),
                     str)
         options.append(Option(field.name, field.metadata["help"], kind, flag, allowed_values(annotation),
-                              minimum=field.metadata.get("minimum"), on_page=not field.metadata.get("load")))
+                              on_page=not field.metadata.get("load")))
     return options
 
 
@@ -103,7 +102,7 @@ def generation_options() -> list[Option]:
                default=DEFAULT_PRESET),
         Option("weights", "folder from `svd-animate convert` or training (pose_encoder/, unet/)", Path,
                on_page=False),
-        Option("guidance", "classifier-free guidance (min and max)", float, minimum=0),
+        Option("guidance", "classifier-free guidance (min and max)", float),
         Option("published_sampling", "the published ControlNeXt-SVD-v2 path: its sampler exactly (reference pose as "
                                      "frame 0 and at position 0 of every window, plain window mean), its reference "
                                      "framing and alignment fit, DWPose, fp32, decode chunks of 2, at most 240 "

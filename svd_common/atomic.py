@@ -6,10 +6,19 @@ import os
 from pathlib import Path
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+# Read once, at import (one thread): setting it to read it is process-wide, and a thread creating a file in
+# that moment (the web page's uploads) would get a world-writable one.
+_UMASK = _read_umask()
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def publish(tmp, path) -> Path:

@@ -101,3 +101,12 @@ def test_non_finite_guidance_and_an_unwritable_container_are_refused_before_work
     assert capsys.readouterr().err == (f"svd-animate: error: {tmp_path / 'out'}: no extension to choose the video "
                                        "format from; end the name with .mp4, .mov, .mkv, .webm or .gif\n")
     assert not (tmp_path / "out.avi").exists() and not (tmp_path / "out").exists()
+
+
+def test_a_preset_with_published_sampling_keeps_it_through_the_cli(tmp_path):
+    """An unset --published-sampling is "not given": it no longer clears the preset's value."""
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("extends: tiny\npublished_sampling: true\n")
+    args = cli.build_parser().parse_args(["animate", "--ref", "r.png", "--pose", "p.mp4", "--preset", str(preset)])
+    config = cli.config_from_args(args)
+    assert config.published_sampling and config.fusion == "uniform" and config.prepend_reference_pose

@@ -3,6 +3,7 @@ config the CLI makes, and the jobs behind it (poses, animate, cancel, errors) wr
 
 import dataclasses
 import threading
+import time
 
 import av
 import numpy as np
@@ -15,7 +16,7 @@ from svd_animate import cli  # noqa: E402
 from svd_animate.config import FAST_SAMPLING, AnimateConfig  # noqa: E402
 from svd_animate.options import Option, generation_options  # noqa: E402
 from svd_animate.ui.jobs import CancelFlag, JobRunner  # noqa: E402
-from svd_animate.ui.page import Page, error_status, page_options, values_from_inputs  # noqa: E402
+from svd_animate.ui.page import Page, error_status, page_options, shown_value, values_from_inputs  # noqa: E402
 from svd_common.errors import Cancelled, InputError, NoPersonError, UserError  # noqa: E402
 from svd_common.video import VideoWriter  # noqa: E402
 from svd_controlnext.windows import plan_windows  # noqa: E402
@@ -72,17 +73,27 @@ def test_the_page_has_one_input_per_page_option_built_from_its_definition(page):
     assert isinstance(steps, gr.Number) and steps.value == 3  # the tiny preset's steps, shown
 
 
+def shown_inputs(page, preset="tiny"):
+    """The option inputs as the page first shows them for `preset`."""
+    config = page.runner.config({"preset": preset})
+    return [preset if o.name == "preset" else shown_value(config, o, None) for o in page.options]
+
+
+def apply(raw, updates):
+    """The inputs after a handler's updates (an update without a value leaves the input as it was)."""
+    return [update.get("value", value) for value, update in zip(raw, updates)]
+
+
 def test_page_values_make_the_config_the_cli_flags_make(page):
     names = [o.name for o in page.options]
-    raw = [update["value"] for update in page.refresh("tiny", True, False, *[None] * len(names))[1:]]  # fast ticked
-    raw[names.index("preset")] = "tiny"
+    raw = shown_inputs(page)
+    raw[names.index("steps")] = 12.0  # edited, then fast ticked: the edit stays, as `--steps 12 --fast`
     raw[names.index("fast")] = True
-    raw[names.index("steps")] = 12.0
+    raw = apply(raw, page.refresh(("tiny", False, False), "tiny", True, False, *raw)[2:])
     raw[names.index("max_frames")] = " 8 "
     raw[names.index("guidance")] = "2"
     raw[names.index("audio")] = True  # the `no audio` box ticked
-    values = values_from_inputs(page.options, raw)
-    from_page = page.runner.config(values)
+    from_page = page.runner.config(page.job_values(raw, ("tiny", True, False)))
     from_cli = cli.config_from_args(parse_animate(["--preset", "tiny", "--fast", "--steps", "12", "--max-frames", "8",
                                                    "--guidance", "2", "--no-audio", "--detector", "mediapipe"]))
     assert from_page == from_cli
@@ -90,13 +101,32 @@ def test_page_values_make_the_config_the_cli_flags_make(page):
     assert from_page.sigma_schedule == FAST_SAMPLING["sigma_schedule"] and from_page.fast_sampling
 
 
-def test_ticking_fast_shows_the_fast_settings(page):
-    updates = page.refresh("tiny", True, False, *[None] * len(page.options))
-    shown = {o.name: u["value"] for o, u in zip(page.options, updates[1:])}
-    assert shown["steps"] == FAST_SAMPLING["steps"]
+def test_fast_ticked_with_the_inputs_as_shown_is_the_cli_fast(page):
+    """Even before the page's refresh has rewritten the inputs, unchanged inputs are "not given"."""
+    names = [o.name for o in page.options]
+    raw = shown_inputs(page)
+    raw[names.index("fast")] = True
+    from_cli = cli.config_from_args(parse_animate(["--preset", "tiny", "--fast", "--detector", "mediapipe"]))
+    assert page.runner.config(page.job_values(raw, ("tiny", False, False))) == from_cli
+    raw[names.index("preset")] = "/etc/some.yaml"  # only the listed presets
+    with pytest.raises(InputError, match=r"^preset '/etc/some.yaml': choose one of "):
+        page.job_values(raw, ("tiny", False, False))
+
+
+def test_ticking_fast_shows_the_fast_settings_and_keeps_edits(page):
+    names = [o.name for o in page.options]
+    raw = shown_inputs(page)
+    raw[names.index("seed")] = 7  # the visitor's own
+    updates = page.refresh(("tiny", False, False), "tiny", True, False, *raw)
+    assert updates[1] == ("tiny", True, False)  # the choice the inputs now show
+    shown = dict(zip(names, apply(raw, updates[2:])))
+    assert shown["steps"] == FAST_SAMPLING["steps"] and shown["seed"] == 7
     assert shown["sigma_schedule"] == "ays" and shown["cache_interval"] == 2
     assert shown["guidance_sigma_max"] == "5.42"  # a number that may be empty is a text box
-    status = page.refresh("no-such-preset", False, False, *[None] * len(page.options))[0]
+    assert shown["fast"] is True
+    on_fast_preset = dict(zip(names, apply(raw, page.refresh(("tiny", False, False), "fast", False, False, *raw)[2:])))
+    assert on_fast_preset["fast"] is True and on_fast_preset["steps"] == 10  # the fast preset shows itself
+    status = page.refresh(("tiny", False, False), "no-such-preset", False, False, *raw)[0]
     assert status["value"].startswith("Error: no-such-preset: no such preset") and "\n" not in status["value"]
 
 
@@ -230,9 +260,13 @@ def test_a_second_job_waits_for_the_first(runner, shared_data):
         if stage == "sampling":
             release.wait(30)
 
-    first = threading.Thread(target=runner.animate, args=(shared_data / REF, shared_data / CLIP, TINY, hold))
+    results = {}
+    first = threading.Thread(target=lambda: results.update(
+        first=runner.animate(shared_data / REF, shared_data / CLIP, TINY, hold)))
     first.start()
+    deadline = time.monotonic() + 60
     while not runner._lock.locked():
+        assert first.is_alive() and time.monotonic() < deadline, "the first job never took the worker"
         first.join(0.05)
     second = threading.Thread(target=runner.poses, args=(shared_data / REF, shared_data / CLIP, TINY,
                                                          lambda *call: second_seen.append(call)))
@@ -243,6 +277,7 @@ def test_a_second_job_waits_for_the_first(runner, shared_data):
     first.join(30)
     second.join(30)
     assert second_seen and not second.is_alive()
+    assert results["first"].frames == 8
 
 
 def test_ui_command_refuses_a_bad_preset_and_examples_in_one_line(tmp_path, capsys):
@@ -264,3 +299,42 @@ def test_ui_command_refuses_a_port_in_use_in_one_line(tmp_path, capsys, monkeypa
         assert cli.main(["ui", "--preset", "tiny", "--port", str(port), "--output-dir", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (f"svd-animate: error: cannot serve on 127.0.0.1:{port}: port {port} is in use "
                                        "(choose another with --port)\n")
+
+
+@pytest.mark.realdata
+def test_the_result_keeps_the_driving_clips_audio(runner, shared_data, tmp_path):
+    from svd_common.video import iter_frames
+    from tests.helpers import write_clip
+
+    frames = [rgb for _, rgb in iter_frames(shared_data / CLIP, max_frames=16)]
+    clip = write_clip(tmp_path / "dance_with_music.mp4", frames, fps=29, tone_hz=440)
+    job = runner.animate(shared_data / REF, clip, {**TINY, "max_frames": 4})
+    with av.open(str(job.video)) as container:
+        assert len(container.streams.audio) == 1 and count_frames(job.video) == 4
+    assert "with the driving clip's audio" in job.summary
+
+
+def test_a_killed_servers_half_jobs_are_removed_at_start(tmp_path):
+    stale = tmp_path / ".20261127-101010-001-dance.x1y2.partial"
+    stale.mkdir()
+    (stale / "poses.npz").write_bytes(b"half")
+    kept = tmp_path / "20261127-101010-002-dance"
+    kept.mkdir()
+    JobRunner(tmp_path, device="cpu").close()
+    assert not stale.exists() and kept.is_dir()
+
+
+def test_ticking_published_on_loaded_models_changes_the_detector():
+    """`auto` means DWPose under the published sampling: the detector loaded for the last job is let go."""
+    from svd_animate.animate import Animator
+    from svd_animate.config import load_preset, with_published_sampling
+
+    config = load_preset("tiny")
+    animator = Animator(config, device="cpu")
+    animator._detector = object()  # as if MediaPipe had been loaded by `auto`
+    animator.reconfigure(config.replace(seed=3))
+    assert animator._detector is not None  # same detector: kept
+    animator.reconfigure(with_published_sampling(config))
+    assert animator._detector is None
+    with pytest.raises(InputError, match="^dtype: fixed while the models are loaded$"):
+        animator.reconfigure(config.replace(dtype="bf16"))

@@ -122,6 +122,13 @@ def set_option(page, name: str, value: str):
     page.locator(f"#opt-{name} input, #opt-{name} textarea").first.fill(value)
 
 
+def choose(page, name: str, value: str):
+    """Pick `value` in the dropdown of option `name`, as a visitor does."""
+    page.locator(f"#opt-{name} input").click()
+    page.locator(f"ul[role=listbox] li[aria-label={value!r}]").click()
+    page.wait_for_function(f"() => document.querySelector('#opt-{name} input').value === {value!r}")
+
+
 def video_element(page, elem_id: str) -> dict:
     """The page's <video> in `elem_id` once the browser has read its metadata: duration and size."""
     page.wait_for_function(f"() => {{ const v = document.querySelector('#{elem_id} video'); "
@@ -144,6 +151,15 @@ def test_poses_then_animation_in_the_page(page, server, shared_data, tmp_path):
     preview = video_element(page, "preview")
     assert preview["duration"] == pytest.approx(8 / 7.25, abs=0.15)
     assert PoseSequence.load(saved_folder(text) / "poses.npz").meta["align"]["method"] == "ls"
+
+    choose(page, "align", "none")  # look again with another alignment: the raw poses come from the cache
+    started = time.monotonic()
+    page.click("#show-poses")
+    text = wait_for_status(page, "Poses: 8 frames at 7.25 fps, align none", "Error")
+    assert text.startswith("Poses: 8 frames at 7.25 fps, align none"), text
+    assert time.monotonic() - started < 20
+    assert PoseSequence.load(saved_folder(text) / "poses.npz").meta["align"]["method"] == "none"
+    choose(page, "align", "ls")
 
     page.locator("#opt-side_by_side input").check()
     page.click("#animate")
@@ -226,3 +242,14 @@ def test_a_second_visitor_sees_their_place_in_the_queue(browser, server, shared_
     finally:
         for context, _ in visitors:
             context.close()
+
+
+def test_ticking_fast_shows_its_settings_and_keeps_an_edit(page, server):
+    set_option(page, "seed", "7")
+    page.locator("#opt-fast input").check()
+    page.wait_for_function("() => document.querySelector('#opt-steps input').value === '10'")  # the fast steps
+    assert page.locator("#opt-seed input").input_value() == "7"
+    page.click("#advanced")
+    assert page.locator("#opt-sigma_schedule input").input_value() == "ays"
+    page.locator("#opt-fast input").uncheck()
+    page.wait_for_function("() => document.querySelector('#opt-steps input').value === '3'")  # the tiny preset's

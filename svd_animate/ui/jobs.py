@@ -9,6 +9,7 @@ nothing behind, and every file in it is written atomically as the CLI writes it.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import re
@@ -18,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable
+
+import torch
 
 from pose.cache import PoseCache
 from pose.preview import write_preview
@@ -89,10 +92,10 @@ class JobRunner:
     def __init__(self, output_dir: Path, weights: Path | None = None, device: str | None = None,
                  cache_dir: Path | None = None, dwpose_dir: Path | None = None, fixed: dict | None = None,
                  progress: bool = False):
-        import torch
-
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.output_dir.glob(".*.partial"):  # jobs of a server that was killed mid-job
+            shutil.rmtree(stale, ignore_errors=True)
         self.weights = weights
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cache = PoseCache(cache_dir)
@@ -114,8 +117,7 @@ class JobRunner:
             if same:
                 self._animator.reconfigure(config)
                 return self._animator
-            self._animator.close()
-            self._animator = None
+            self.close()  # the old models go before the new ones load (two would not fit on one GPU)
         self._animator = Animator(config, self.weights, self.device, self.cache, self.dwpose_dir, self.progress)
         return self._animator
 
@@ -123,6 +125,9 @@ class JobRunner:
         if self._animator is not None:
             self._animator.close()
             self._animator = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def poses(self, reference, video, values: dict, on_progress: Progress | None = None,
               cancel: CancelFlag | None = None) -> PoseJob:
@@ -201,8 +206,7 @@ class _JobFolder:
         try:
             if kind is None:
                 publish_folder(self.folder, self.final)
-            else:
-                shutil.rmtree(self.folder, ignore_errors=True)
         finally:
+            shutil.rmtree(self.folder, ignore_errors=True)  # (gone already when published)
             self.runner._lock.release()
         return False

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import threading
 import typing
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -35,6 +36,9 @@ VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 STAGES = {"poses": "extracting poses", "preview": "drawing the preview", "sampling": "sampling (steps × windows)",
           "decoding": "decoding frames"}
 CONFIG_FIELDS = {field.name for field in dataclasses.fields(AnimateConfig)}
+# The inputs that choose which settings the others show; `fast` is shown by the field it sets.
+CHOICE = ("preset", "fast", "published_sampling")
+SHORTCUT_FIELDS = {"fast": "fast_sampling"}
 CSS = "#status.error {color: var(--error-text-color);}"
 
 
@@ -59,9 +63,10 @@ def is_optional_number(option: Option) -> bool:
 def shown_value(config: AnimateConfig, option: Option, current=None):
     """What `option`'s input shows under `config` (the preset with the fast or published settings over it);
     options that are not config fields keep `current`."""
-    if option.name == "preset" or not hasattr(config, option.name):
+    field = SHORTCUT_FIELDS.get(option.name, option.name)
+    if option.name == "preset" or not hasattr(config, field):
         return current
-    value = getattr(config, option.name)
+    value = getattr(config, field)
     if option.is_switch:
         return value == option.switch_value
     if is_optional_number(option):
@@ -81,7 +86,7 @@ def make_input(option: Option, config: AnimateConfig, presets=(), preset: str = 
     common = dict(label=label(option), info=option.help, elem_id=f"opt-{option.name}")
     value = shown_value(config, option)
     if option.name == "preset":
-        return gr.Dropdown(choices=list(presets), value=preset, allow_custom_value=True, **common)
+        return gr.Dropdown(choices=list(presets), value=preset, **common)
     if option.is_switch:
         return gr.Checkbox(value=bool(value), **common)
     if option.choices is not None:
@@ -119,6 +124,18 @@ def values_from_inputs(options: list[Option], raw) -> dict:
     return values
 
 
+def given(values: dict, shown: AnimateConfig) -> dict:
+    """What the visitor set: the values that differ from those `shown` (the preset, with the fast or published
+    settings when ticked) gives. The others are "not given", like flags left out, so the page makes the config the
+    command line makes: `--steps 30 --fast` keeps 30 steps, `--fast` alone takes the fast 10."""
+    return {name: None if name in CONFIG_FIELDS and name not in CHOICE and value == getattr(shown, name) else value
+            for name, value in values.items()}
+
+
+def choice_of(values: dict) -> dict:
+    return {name: values.get(name) or None for name in CHOICE}
+
+
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -148,38 +165,39 @@ def preset_choices(initial: str) -> list[str]:
 
 
 class Page:
-    """The page and its handlers over one `JobRunner`; `cancel_flags` holds each visitor's current job."""
+    """The page and its handlers over one `JobRunner`. Each job gets an id and a Cancel flag when its button is
+    clicked (so Cancel also reaches a job still waiting in the queue); `_jobs` maps ids to (visitor, flag)."""
 
     def __init__(self, runner: JobRunner, preset: str = DEFAULT_PRESET, examples: Path | None = None):
         self.runner = runner
         self.preset = preset
+        self.presets = preset_choices(preset)
         self.examples = examples
         self.options = page_options()
-        self.cancel_flags: dict[str, CancelFlag] = {}
-        self._flags_lock = threading.Lock()
+        self._jobs: dict[str, tuple[str, CancelFlag]] = {}
+        self._jobs_lock = threading.Lock()
 
     # -- handlers -------------------------------------------------------------------------------------------
 
-    def arm(self, request: gr.Request) -> str:
-        """Before a job joins the queue: a fresh Cancel flag for this visitor (so Cancel works while it waits)."""
-        with self._flags_lock:
-            self.cancel_flags[request.session_hash] = CancelFlag()
-        return "Waiting for the worker (one job at a time)..."
+    def arm(self, request: gr.Request):
+        """Before a job joins the queue: its id and Cancel flag."""
+        job_id = uuid.uuid4().hex
+        with self._jobs_lock:
+            self._jobs[job_id] = (request.session_hash, CancelFlag())
+        return "Waiting for the worker (one job at a time)...", job_id
 
     def cancel(self, request: gr.Request) -> str:
-        with self._flags_lock:
-            flag = self.cancel_flags.get(request.session_hash)
-        if flag is None:
-            return "Nothing to cancel."
-        flag.cancel()
-        return "Cancelling..."
+        """Stop this visitor's jobs: the running one at its next frame or step, the waiting ones when they start."""
+        with self._jobs_lock:
+            flags = [flag for visitor, flag in self._jobs.values() if visitor == request.session_hash]
+        for flag in flags:
+            flag.cancel()
+        return "Cancelling..." if flags else "Nothing to cancel."
 
-    def _flag(self, request: gr.Request) -> CancelFlag:
-        with self._flags_lock:
-            return self.cancel_flags.setdefault(request.session_hash, CancelFlag())
-
-    def _job(self, work, data: dict, request, progress):
-        flag = self._flag(request)
+    def _job(self, work, data: dict, progress):
+        job_id = data[self.job_state]
+        with self._jobs_lock:
+            _, flag = self._jobs.get(job_id, (None, CancelFlag()))
         reference, video = data[self.reference_input], data[self.video_input]
         raw = [data[component] for component in self.option_inputs]
 
@@ -189,38 +207,62 @@ class Page:
 
         try:
             flag.check()  # cancelled while it waited in the queue
-            return work(reference, video, values_from_inputs(self.options, raw), on_progress, flag), None
+            return work(reference, video, self.job_values(raw, data[self.choice_state]), on_progress, flag), None
         except Exception as error:  # noqa: BLE001 - every failure becomes one line in the page
             if not isinstance(error, UserError):
                 logger.exception("job failed")
             return None, error_status(error)
+        finally:
+            with self._jobs_lock:
+                self._jobs.pop(job_id, None)
 
-    def show_poses(self, data: dict, request: gr.Request, progress=gr.Progress()):
-        job, error = self._job(self.runner.poses, data, request, progress)
+    def job_values(self, raw: list, shown_choice: tuple) -> dict:
+        """The option inputs' values (in `self.options` order) as a job takes them: only what the visitor set.
+        `shown_choice` is the (preset, fast, published) whose values the inputs show; what still equals them was
+        not set, so a choice changed a moment ago applies even before the page has shown its values."""
+        values = values_from_inputs(self.options, raw)
+        if values.get("preset") not in self.presets:
+            raise InputError(f"preset {values.get('preset')!r}: choose one of {', '.join(self.presets)}")
+        return given(values, self.runner.config(choice_of(dict(zip(CHOICE, shown_choice)))))
+
+    def show_poses(self, data: dict, progress=gr.Progress()):
+        job, error = self._job(self.runner.poses, data, progress)
         if error:
             return gr.update(value=error, elem_classes=["error"]), gr.update(), gr.update()
         status = f"Poses: {job.summary}. Saved in {job.folder}."
         return gr.update(value=status, elem_classes=[]), str(job.preview), [str(job.poses)]
 
-    def animate(self, data: dict, request: gr.Request, progress=gr.Progress()):
-        job, error = self._job(self.runner.animate, data, request, progress)
+    def animate(self, data: dict, progress=gr.Progress()):
+        job, error = self._job(self.runner.animate, data, progress)
         if error:
             return gr.update(value=error, elem_classes=["error"]), gr.update(), gr.update()
         weights = " (tiny preset: RANDOM WEIGHTS, the pixels are noise)" if job.random_weights else ""
         status = f"Animation: {job.summary}{weights}. Saved in {job.folder}."
         return gr.update(value=status, elem_classes=[]), str(job.video), [str(job.video), str(job.poses)]
 
-    def refresh(self, preset: str, fast: bool, published: bool, *current):
-        """The inputs after the preset, fast or published choice changed: the values that choice gives."""
+    def refresh(self, previous: tuple, preset: str, fast: bool, published: bool, *current):
+        """After the preset, fast or published choice changed: each input that still shows what the previous choice
+        gave now shows what this one gives; inputs the visitor changed keep their value."""
+        choice = (preset, bool(fast), bool(published))
         try:
-            config = self.runner.config({"preset": preset, "fast": fast or None,
-                                         "published_sampling": published or None})
+            config = self.runner.config(choice_of(dict(zip(CHOICE, choice))))
         except UserError as error:
-            return [gr.update(value=f"Error: {one_line(error)}", elem_classes=["error"])] + [gr.update()] * len(current)
-        updates = [gr.update(value=shown_value(config, option, value), **(
-            {"placeholder": placeholder(config, option)} if is_optional_number(option) else {}))
-            for option, value in zip(self.options, current)]
-        return [gr.update()] + updates
+            return [gr.update(value=f"Error: {one_line(error)}", elem_classes=["error"]), previous] + \
+                [gr.update()] * len(current)
+        try:
+            before = self.runner.config(choice_of(dict(zip(CHOICE, previous))))
+        except UserError:
+            before = None
+        updates = []
+        for option, value in zip(self.options, current):
+            untouched = before is None or value == shown_value(before, option, value)
+            if option.name in CHOICE or not untouched:
+                updates.append(gr.update(value=shown_value(config, option, value)) if option.name == "fast"
+                               else gr.update())
+            else:
+                updates.append(gr.update(value=shown_value(config, option, value), **(
+                    {"placeholder": placeholder(config, option)} if is_optional_number(option) else {})))
+        return [gr.update(), choice] + updates
 
     # -- layout ---------------------------------------------------------------------------------------------
 
@@ -245,7 +287,7 @@ class Page:
                     if videos:
                         gr.Examples(videos, [video], label="Example clips")
             inputs = {}
-            presets = preset_choices(self.preset)
+            presets = self.presets
             for row in MAIN_ROWS:
                 with gr.Row():
                     for name in row:
@@ -270,16 +312,20 @@ class Page:
                 result = gr.Video(label="Animation", elem_id="result", interactive=False, height=420)
             downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
 
+            job_state = gr.State()
+            choice_state = gr.State((self.preset, False, False))
             self.reference_input, self.video_input, self.option_inputs = reference, video, ordered
-            job_inputs = {reference, video, *ordered}
+            self.job_state, self.choice_state = job_state, choice_state
+            job_inputs = {reference, video, job_state, choice_state, *ordered}
             for button, handler, shown in ((poses_button, self.show_poses, preview),
                                            (animate_button, self.animate, result)):
-                button.click(self.arm, None, status, queue=False).then(
+                button.click(self.arm, None, [status, job_state], queue=False).then(
                     handler, job_inputs, [status, shown, downloads], concurrency_id="worker", concurrency_limit=1)
             cancel_button.click(self.cancel, None, status, queue=False)
-            choice = [inputs["preset"], inputs["fast"], inputs["published_sampling"]]
-            for changed in choice:
-                changed.change(self.refresh, choice + ordered, [status, *ordered], queue=False)
+            choice = [inputs[name] for name in CHOICE]
+            for changed in choice:  # `input`: the visitor's changes only, not the page's own updates
+                changed.input(self.refresh, [choice_state, *choice, *ordered], [status, choice_state, *ordered],
+                              queue=False)
         blocks.queue(default_concurrency_limit=1)
         return blocks
 
