@@ -338,3 +338,14 @@ def test_ticking_published_on_loaded_models_changes_the_detector():
     assert animator._detector is None
     with pytest.raises(InputError, match="^dtype: fixed while the models are loaded$"):
         animator.reconfigure(config.replace(dtype="bf16"))
+
+
+@pytest.mark.realdata
+def test_fps_picks_the_stride_once_for_both_steps(runner, shared_data, caplog):
+    """A 29 fps clip at `fps 14.5` keeps every 2nd frame (the stride box is overridden, as on the CLI); a clip
+    slower than the target says so once, not once per step of the job."""
+    job = runner.poses(shared_data / REF, shared_data / CLIP, {**TINY, "fps": 14.5, "stride": 9})
+    assert job.fps == pytest.approx(29 / 2)
+    caplog.clear()
+    runner.poses(shared_data / REF, shared_data / CLIP, {**TINY, "fps": 60})
+    assert sum("slower than --fps" in r.getMessage() for r in caplog.records) == 1

@@ -190,7 +190,8 @@ class _JobFolder:
         if is_image_path(self.video):
             raise InputError(f"{self.video.name}: is an image; the driving input must be a video")
         probe_video(self.video)  # not a video: one line now, before any model loads
-        self.config = with_target_fps(config, self.video)
+        # --fps as this clip's stride, chosen once here (the Animator then finds no fps to choose it again)
+        self.config = dataclasses.replace(with_target_fps(config, self.video), fps=None)
         self.runner._lock.acquire()
         try:
             self.animator = self.runner.animator(self.config)
