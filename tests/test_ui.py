@@ -4,6 +4,7 @@ config the CLI makes, and the jobs behind it (poses, animate, cancel, errors) wr
 import dataclasses
 import threading
 import time
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -315,13 +316,19 @@ def test_the_result_keeps_the_driving_clips_audio(runner, shared_data, tmp_path)
 
 
 def test_a_killed_servers_half_jobs_are_removed_at_start(tmp_path):
+    import os
+
     stale = tmp_path / ".20261127-101010-001-dance.x1y2.partial"
     stale.mkdir()
     (stale / "poses.npz").write_bytes(b"half")
+    day_old = time.time() - 24 * 3600
+    os.utime(stale, (day_old, day_old))
+    running = tmp_path / ".20261127-111111-001-dance.z9z9.partial"  # another server's job, going on now
+    running.mkdir()
     kept = tmp_path / "20261127-101010-002-dance"
     kept.mkdir()
     JobRunner(tmp_path, device="cpu").close()
-    assert not stale.exists() and kept.is_dir()
+    assert not stale.exists() and running.is_dir() and kept.is_dir()
 
 
 def test_ticking_published_on_loaded_models_changes_the_detector():
@@ -349,3 +356,37 @@ def test_fps_picks_the_stride_once_for_both_steps(runner, shared_data, caplog):
     caplog.clear()
     runner.poses(shared_data / REF, shared_data / CLIP, {**TINY, "fps": 60})
     assert sum("slower than --fps" in r.getMessage() for r in caplog.records) == 1
+
+
+def visitor(name):
+    return SimpleNamespace(session_hash=name)
+
+
+def test_a_job_keeps_the_choice_its_inputs_showed_when_clicked(page):
+    """Ticking fast while a job waits in the queue does not change that job (the CLI's `--steps 10`)."""
+    names = [o.name for o in page.options]
+    raw = shown_inputs(page)
+    raw[names.index("steps")] = 10
+    _, job_id = page.arm(("tiny", False, False), visitor("a"))
+    taken = {}
+    data = {page.job_box: job_id, page.choice_state: ("tiny", True, False), page.reference_input: "r.png",
+            page.video_input: "v.mp4", **dict(zip(page.option_inputs, raw))}
+    job, error = page._job(lambda ref, video, values, progress, flag: taken.update(values) or "done", data,
+                           lambda *a, **k: None)
+    assert (job, error) == ("done", None)
+    config = page.runner.config(taken)
+    assert config.steps == 10 and not config.fast_sampling
+    assert taken["published_sampling"] is None  # unticked: not given, like the flag left out
+    assert page._jobs == {}  # the finished job's entry is gone
+
+
+def test_cancel_reaches_only_the_visitors_jobs_and_forget_clears_them(page):
+    _, first = page.arm(("tiny", False, False), visitor("a"))
+    _, second = page.arm(("tiny", False, False), visitor("a"))
+    _, other = page.arm(("tiny", False, False), visitor("b"))
+    assert page.cancel(visitor("a")) == "Cancelling..."
+    flags = {job_id: flag.cancelled for job_id, (_, flag, _) in page._jobs.items()}
+    assert flags == {first: True, second: True, other: False}
+    page.forget(visitor("a"))
+    page.forget(visitor("b"))
+    assert page._jobs == {} and page.cancel(visitor("a")) == "Nothing to cancel."

@@ -22,6 +22,7 @@ from tests.conftest import ROOT  # noqa: E402
 
 CHROMIUM = os.environ.get("SVD_ANIMATE_CHROMIUM", "/usr/bin/chromium")
 CLIP = "driving_controlnext_v2_01.mp4"
+ENDLESS = 100_000  # sampling steps no run finishes within a test: only Cancel ends it
 REF = "ref_controlnext_v2_01.jpeg"
 # What a closed network needs: no background connections, no sandbox as root (env README: Chromium here)
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
@@ -153,11 +154,9 @@ def test_poses_then_animation_in_the_page(page, server, shared_data, tmp_path):
     assert PoseSequence.load(saved_folder(text) / "poses.npz").meta["align"]["method"] == "ls"
 
     choose(page, "align", "none")  # look again with another alignment: the raw poses come from the cache
-    started = time.monotonic()
     page.click("#show-poses")
     text = wait_for_status(page, "Poses: 8 frames at 7.25 fps, align none", "Error")
     assert text.startswith("Poses: 8 frames at 7.25 fps, align none"), text
-    assert time.monotonic() - started < 20
     assert PoseSequence.load(saved_folder(text) / "poses.npz").meta["align"]["method"] == "none"
     choose(page, "align", "ls")
 
@@ -205,18 +204,15 @@ def test_cancel_stops_the_job_and_leaves_no_file(page, server, shared_data):
     before = server.entries()
     upload(page, shared_data / REF, shared_data / CLIP)
     set_option(page, "max_frames", "8")
-    set_option(page, "steps", "400")
+    set_option(page, "steps", str(ENDLESS))
     page.click("#animate")
     page.wait_for_function("() => document.body.innerText.includes('sampling (steps × windows)')")  # the progress, in the page
     page.click("#cancel")
     text = wait_for_status(page, "Cancelled", "Animation:", "Error", timeout=60_000)
     assert text == "Cancelled: the job was stopped and nothing was written."
     assert server.entries() == before  # no job folder, no .partial left
-    set_option(page, "steps", "2")  # the worker is free again at once
-    started = time.monotonic()
-    page.click("#show-poses")
-    assert wait_for_status(page, "Poses:", "Error", timeout=60_000).startswith("Poses:")
-    assert time.monotonic() - started < 30
+    page.click("#show-poses")  # the worker is free again: had the endless job gone on, this would never run
+    assert wait_for_status(page, "Poses:", "Error", timeout=90_000).startswith("Poses:")
 
 
 def test_a_second_visitor_sees_their_place_in_the_queue(browser, server, shared_data):
@@ -231,7 +227,7 @@ def test_a_second_visitor_sees_their_place_in_the_queue(browser, server, shared_
         visitors.append((context, visitor))
     (_, first), (_, second) = visitors
     try:
-        set_option(first, "steps", "400")
+        set_option(first, "steps", str(ENDLESS))
         first.click("#animate")
         first.wait_for_function("() => document.body.innerText.includes('sampling (steps × windows)')")
         second.click("#show-poses")

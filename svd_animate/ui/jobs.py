@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, "int | None"], None]
 
 POSES_FILE = "poses.npz"
+STALE_AFTER_S = 6 * 3600
 PREVIEW_FILE = "pose_preview.mp4"
 
 
@@ -94,8 +95,9 @@ class JobRunner:
                  progress: bool = False):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.output_dir.glob(".*.partial"):  # jobs of a server that was killed mid-job
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in self.output_dir.glob(".*.partial"):  # jobs of a server killed mid-job (not another's running)
+            if time.time() - stale.stat().st_mtime > STALE_AFTER_S:
+                shutil.rmtree(stale, ignore_errors=True)
         self.weights = weights
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.cache = PoseCache(cache_dir)
@@ -206,6 +208,10 @@ class _JobFolder:
     def __exit__(self, kind, error, trace):
         try:
             if kind is None:
+                for n in itertools.count(2):  # another server on this folder, or a restart within the second
+                    if not self.final.exists():
+                        break
+                    self.final = self.final.with_name(f"{self.final.name.rsplit('~', 1)[0]}~{n}")
                 publish_folder(self.folder, self.final)
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)  # (gone already when published)

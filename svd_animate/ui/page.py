@@ -70,7 +70,7 @@ def shown_value(config: AnimateConfig, option: Option, current=None):
     if option.is_switch:
         return value == option.switch_value
     if is_optional_number(option):
-        return "" if value is None else f"{value:g}"
+        return "" if value is None else str(value)
     return value
 
 
@@ -78,7 +78,10 @@ def placeholder(config: AnimateConfig, option: Option) -> str:
     if option.name == "guidance":
         low, high = config.min_guidance, config.max_guidance
         return f"preset: {low:g}" + ("" if low == high else f" to {high:g} over a window")
-    return "empty: none" if is_optional_number(option) else ""
+    if not is_optional_number(option):
+        return ""
+    value = getattr(config, option.name, None)
+    return "empty: none" if value is None else f"empty: the preset's {value}"
 
 
 def make_input(option: Option, config: AnimateConfig, presets=(), preset: str = DEFAULT_PRESET):
@@ -103,9 +106,9 @@ def values_from_inputs(options: list[Option], raw) -> dict:
     number and does not is named in one line."""
     values = {}
     for option, value in zip(options, raw):
-        if option.is_switch:  # a config field's switch always says its value; the others only when ticked
-            value = option.switch_value if value else (not option.switch_value if option.name in CONFIG_FIELDS
-                                                        else None)
+        if option.is_switch:  # a setting's switch always says its value; the choices (fast...) only when ticked
+            explicit = option.name in CONFIG_FIELDS and option.name not in CHOICE
+            value = option.switch_value if value else (not option.switch_value if explicit else None)
         elif isinstance(value, str):
             text = value.strip()
             value = None
@@ -165,8 +168,9 @@ def preset_choices(initial: str) -> list[str]:
 
 
 class Page:
-    """The page and its handlers over one `JobRunner`. Each job gets an id and a Cancel flag when its button is
-    clicked (so Cancel also reaches a job still waiting in the queue); `_jobs` maps ids to (visitor, flag)."""
+    """The page and its handlers over one `JobRunner`. Each job gets an id, a Cancel flag and the choice its inputs
+    showed when its button was clicked (so Cancel also reaches a job still waiting in the queue, and what the
+    visitor changes while it waits does not change it); `_jobs` maps ids to (visitor, flag, choice)."""
 
     def __init__(self, runner: JobRunner, preset: str = DEFAULT_PRESET, examples: Path | None = None):
         self.runner = runner
@@ -174,30 +178,37 @@ class Page:
         self.presets = preset_choices(preset)
         self.examples = examples
         self.options = page_options()
-        self._jobs: dict[str, tuple[str, CancelFlag]] = {}
+        self._jobs: dict[str, tuple[str, CancelFlag, tuple]] = {}
         self._jobs_lock = threading.Lock()
 
     # -- handlers -------------------------------------------------------------------------------------------
 
-    def arm(self, request: gr.Request):
-        """Before a job joins the queue: its id and Cancel flag."""
+    def arm(self, shown_choice: tuple, request: gr.Request):
+        """On the click, before the job joins the queue: its id (sent with the job, in a hidden box), Cancel flag
+        and the (preset, fast, published) choice whose values the inputs show."""
         job_id = uuid.uuid4().hex
         with self._jobs_lock:
-            self._jobs[job_id] = (request.session_hash, CancelFlag())
+            self._jobs[job_id] = (request.session_hash, CancelFlag(), tuple(shown_choice))
         return "Waiting for the worker (one job at a time)...", job_id
+
+    def forget(self, request: gr.Request) -> None:
+        """The visitor left: their jobs' entries go (a job still waiting will not run for a closed page)."""
+        with self._jobs_lock:
+            for job_id in [k for k, (visitor, _, _) in self._jobs.items() if visitor == request.session_hash]:
+                del self._jobs[job_id]
 
     def cancel(self, request: gr.Request) -> str:
         """Stop this visitor's jobs: the running one at its next frame or step, the waiting ones when they start."""
         with self._jobs_lock:
-            flags = [flag for visitor, flag in self._jobs.values() if visitor == request.session_hash]
+            flags = [flag for visitor, flag, _ in self._jobs.values() if visitor == request.session_hash]
         for flag in flags:
             flag.cancel()
         return "Cancelling..." if flags else "Nothing to cancel."
 
     def _job(self, work, data: dict, progress):
-        job_id = data[self.job_state]
+        job_id = data[self.job_box]
         with self._jobs_lock:
-            _, flag = self._jobs.get(job_id, (None, CancelFlag()))
+            _, flag, shown_choice = self._jobs.get(job_id, (None, CancelFlag(), data[self.choice_state]))
         reference, video = data[self.reference_input], data[self.video_input]
         raw = [data[component] for component in self.option_inputs]
 
@@ -207,7 +218,7 @@ class Page:
 
         try:
             flag.check()  # cancelled while it waited in the queue
-            return work(reference, video, self.job_values(raw, data[self.choice_state]), on_progress, flag), None
+            return work(reference, video, self.job_values(raw, shown_choice), on_progress, flag), None
         except Exception as error:  # noqa: BLE001 - every failure becomes one line in the page
             if not isinstance(error, UserError):
                 logger.exception("job failed")
@@ -257,8 +268,8 @@ class Page:
         for option, value in zip(self.options, current):
             untouched = before is None or value == shown_value(before, option, value)
             if option.name in CHOICE or not untouched:
-                updates.append(gr.update(value=shown_value(config, option, value)) if option.name == "fast"
-                               else gr.update())
+                updates.append(gr.update(value=shown_value(config, option, value)) if option.is_switch
+                               and option.name in CHOICE else gr.update())
             else:
                 updates.append(gr.update(value=shown_value(config, option, value), **(
                     {"placeholder": placeholder(config, option)} if is_optional_number(option) else {})))
@@ -312,20 +323,22 @@ class Page:
                 result = gr.Video(label="Animation", elem_id="result", interactive=False, height=420)
             downloads = gr.File(label="Downloads", file_count="multiple", interactive=False, elem_id="downloads")
 
-            job_state = gr.State()
+            # the job's id rides with the job in a hidden box (a gr.State would be read when the job starts)
+            job_box = gr.Textbox(visible="hidden", elem_id="job-id")
             choice_state = gr.State((self.preset, False, False))
             self.reference_input, self.video_input, self.option_inputs = reference, video, ordered
-            self.job_state, self.choice_state = job_state, choice_state
-            job_inputs = {reference, video, job_state, choice_state, *ordered}
+            self.job_box, self.choice_state = job_box, choice_state
+            job_inputs = {reference, video, job_box, choice_state, *ordered}
             for button, handler, shown in ((poses_button, self.show_poses, preview),
                                            (animate_button, self.animate, result)):
-                button.click(self.arm, None, [status, job_state], queue=False).then(
+                button.click(self.arm, choice_state, [status, job_box], queue=False).then(
                     handler, job_inputs, [status, shown, downloads], concurrency_id="worker", concurrency_limit=1)
             cancel_button.click(self.cancel, None, status, queue=False)
             choice = [inputs[name] for name in CHOICE]
             for changed in choice:  # `input`: the visitor's changes only, not the page's own updates
                 changed.input(self.refresh, [choice_state, *choice, *ordered], [status, choice_state, *ordered],
                               queue=False)
+            blocks.unload(self.forget)
         blocks.queue(default_concurrency_limit=1)
         return blocks
 
