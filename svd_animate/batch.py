@@ -27,14 +27,13 @@ from tqdm import tqdm
 from pose.skeleton import PoseSequence
 from svd_common.atomic import write_json
 from svd_common.errors import InputError, UserError
-from svd_common.video import IMAGE_SUFFIXES, check_output_container, probe_video, read_image
+from svd_common.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_container, probe_video, read_image
 
 from .config import AnimateConfig, expand_shortcuts, parse_value, per_job_fields
 
 logger = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v", ".gif"}
-POSE_SUFFIXES = VIDEO_SUFFIXES | {".npz"}
+POSE_SUFFIXES = VIDEO_SUFFIXES | {".gif", ".npz"}
 PAIRINGS = ("all", "name")
 REPORT = "report.json"
 PART_GLOB = ".*.part.*"  # VideoWriter's temporary files (the extension kept)

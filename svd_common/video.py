@@ -25,6 +25,8 @@ from .errors import InputError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+# Driving and training videos looked for in folders (batch, prepare-data, the web page's examples)
+VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,7 +42,7 @@ from pose.render import draw_pose
 from pose.skeleton import PoseSequence
 from svd_common.atomic import write_json
 from svd_common.errors import InputError
-from svd_common.video import iter_frames, probe_video
+from svd_common.video import VIDEO_SUFFIXES, iter_frames, probe_video
 
 from ..framing import cover_crop
 
@@ -51,7 +51,6 @@ logger = logging.getLogger(__name__)
 DATASET_FILE = "dataset.json"
 PUBLISHED_FILE = "meta_info.json"
 FORMAT = {"format": "svd-animate.dataset", "version": 1}
-VIDEO_SUFFIXES = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"}
 HAND_MARGIN = 10  # px at the source size (vid_dataset.py, draw_mask)
 MIN_HAND_SCORE = 0.5  # a hand counts when the mean of its keypoint scores is above this (vid_dataset.py)
 MIN_POINT_SCORE = 0.3  # a keypoint counts for its hand's box above this (DWPose's visibility threshold)

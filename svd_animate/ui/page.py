@@ -1,8 +1,9 @@
 """The Gradio page of `svd-animate ui`.
 
 Every option input is made from `svd_animate.options.generation_options()`, the definitions the CLI builds its
-flags from: the page holds no copy of an option's type, allowed values or help. An empty input means "not
-given", so the preset's value applies, as a flag left out does on the command line.
+flags from: the page holds no copy of an option's type, allowed values or help. Each input shows the value the
+chosen preset gives it; a job takes only what the visitor changed (`given`), as the command line takes only the
+flags given, so the page and the CLI make the same config.
 
 Step 1 shows the aligned skeletons (source | skeleton | skeleton over the reference) from the pose cache when
 the clip was seen before; step 2 animates. Both run through Gradio's queue one at a time (other visitors see
@@ -21,7 +22,7 @@ from pathlib import Path
 import gradio as gr
 
 from svd_common.errors import Cancelled, InputError, UserError
-from svd_common.video import IMAGE_SUFFIXES
+from svd_common.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
 from ..config import CONFIG_DIR, TINY, AnimateConfig, field_types
 from ..options import DEFAULT_PRESET, Option, generation_options
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 # Shown above the fold, in these rows; every other page option goes under "Advanced options".
 MAIN_ROWS = (("preset", "align", "fast", "side_by_side"), ("steps", "seed", "stride", "max_frames", "width", "height"))
 MAIN_OPTIONS = sum(MAIN_ROWS, ())
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 STAGES = {"poses": "extracting poses", "preview": "drawing the preview", "sampling": "sampling (steps × windows)",
           "decoding": "decoding frames"}
 CONFIG_FIELDS = {field.name for field in dataclasses.fields(AnimateConfig)}
