@@ -192,7 +192,8 @@ class Page:
         return "Waiting for the worker (one job at a time)...", job_id
 
     def forget(self, request: gr.Request) -> None:
-        """The visitor left: their jobs' entries go (a job still waiting will not run for a closed page)."""
+        """The visitor left: their jobs' entries go. A job already running goes on to its end (its folder is kept
+        in the output folder); one still waiting that Gradio runs anyway starts with a fresh flag."""
         with self._jobs_lock:
             for job_id in [k for k, (visitor, _, _) in self._jobs.items() if visitor == request.session_hash]:
                 del self._jobs[job_id]
