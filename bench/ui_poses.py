@@ -1,7 +1,7 @@
 """Step 1 of the web page (`svd-animate ui`): how long until the aligned-skeleton preview is there.
 
 Runs the page's pose job (`JobRunner.poses`, what the "1 · Show poses" button calls) on the real clip with the
-published preset's frame selection (stride 2, every frame of the clip: 67 frames of 576x1024) and MediaPipe:
+`controlnext-svd-v2` preset's frame selection (stride 2, every frame of the clip: 67 frames of 576x1024) and MediaPipe:
 first with an empty pose cache, then the same clip again, then with another alignment (the cache keeps the raw
 poses, so only the fit and the preview are made again). Prints one JSON object as its last line.
 Run: .venv/bin/python bench/ui_poses.py [--preset controlnext-svd-v2]

@@ -382,12 +382,8 @@ class Animator:
         """The driving poses aligned to `reference` in its own frame, and the reference, as the next job will
         use them (the pose cache makes the extraction once per clip and settings)."""
         reference, pose_input = Path(reference), Path(pose_input)
-        config = with_target_fps(self.config, pose_input) if pose_input.is_file() else self.config
-        for path in (reference, pose_input):
-            if not path.is_file():
-                raise InputError(f"{path}: no such file")
-        if is_image_path(pose_input):
-            raise InputError(f"{pose_input}: is an image; --pose takes a driving video or a poses .npz")
+        check_inputs(reference, pose_input)
+        config = with_target_fps(self.config, pose_input)
         return reference_frame_poses(pose_input, reference, config, self.detector, self.cache, self.progress,
                                      self.reference, on_frame)
 
@@ -422,11 +418,7 @@ class Animator:
         """Every check that needs no model: files, size, and whether the video's length fits in memory."""
         check_output_container(output)
         check_writable(output)
-        for path in (reference, pose_input):
-            if not path.is_file():
-                raise InputError(f"{path}: no such file")
-        if is_image_path(pose_input):
-            raise InputError(f"{pose_input}: is an image; --pose takes a driving video or a poses .npz")
+        check_inputs(reference, pose_input)
         if config.width % 64 or config.height % 64:
             raise InputError(f"--width/--height must be multiples of 64 (the UNet's latent grid), "
                              f"got {config.width}x{config.height}")
@@ -486,6 +478,15 @@ class Animator:
                                 "frames: try --offload model, a smaller --window, --height/--width or --dtype fp16"
                                 ) from None
         return AnimateResult(output, len(pose_frames), fps, seed, audio is not None, aligned)
+
+
+def check_inputs(reference: Path, pose_input: Path) -> None:
+    """Both input files exist, and the driving input is not an image."""
+    for path in (reference, pose_input):
+        if not path.is_file():
+            raise InputError(f"{path}: no such file")
+    if is_image_path(pose_input):
+        raise InputError(f"{pose_input}: is an image; --pose takes a driving video or a poses .npz")
 
 
 def pipeline_arguments(config: AnimateConfig) -> dict:

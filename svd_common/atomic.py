@@ -6,25 +6,16 @@ import os
 from pathlib import Path
 
 
-def _read_umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-# Read once, at import (one thread): setting it to read it is process-wide, and a thread creating a file in
+# Read once, at import (one thread): reading it means setting it, process-wide, and a thread creating a file in
 # that moment (the web page's uploads) would get a world-writable one.
-_UMASK = _read_umask()
-
-
-def _umask() -> int:
-    return _UMASK
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def publish(tmp, path) -> Path:
     """Rename `tmp` over `path` with the mode a plain `open(path, "w")` would have given it
     (mkstemp creates files readable by their owner only)."""
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
     return Path(path)
 
@@ -32,7 +23,7 @@ def publish(tmp, path) -> Path:
 def publish_folder(tmp, path) -> Path:
     """Rename the folder `tmp` (made by `tempfile.mkdtemp`, owner-only) to `path` with a plain folder's mode:
     a job built in a hidden folder appears whole or not at all."""
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~_UMASK)
     os.replace(tmp, path)
     return Path(path)
 
