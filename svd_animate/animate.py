@@ -28,7 +28,9 @@ from pose.detect.base import PoseDetector
 from pose.extract import ExtractSettings, detect_reference, expected_count, extract_aligned
 from pose.render import render_sequence
 from pose.skeleton import PoseSequence
-from svd_common.errors import InputError, ResourceError, UserError, WeightsError
+from svd_common.devices import check_device
+from svd_common.errors import InputError, ResourceError, SamplingError, UserError, WeightsError
+from svd_common.paths import check_input_file, check_not_input
 from svd_common.video import (AudioClip, VideoWriter, check_output_container, check_writable, has_audio, is_image_path,
                               probe_video, read_image)
 from svd_controlnext.decode import iter_decoded_frames
@@ -94,10 +96,7 @@ def load_published_pipeline(config: AnimateConfig, weights: Path | None, dtype: 
     from svd_controlnext.pipeline import ControlNeXtSVDPipeline
     from svd_controlnext.weights import hub_error_message, load_pose_encoder, load_unet
 
-    control = weights or config.control_weights
-    if control is None:
-        raise WeightsError("no control weights: pass --weights DIR or use a preset that names them")
-    unet_weights = weights / "unet" if weights is not None and (weights / "unet").is_dir() else config.unet_weights
+    control, unet_weights = weight_sources(config, weights)
     try:
         encoder = load_pose_encoder(control)
     except WeightsError as e:
@@ -109,6 +108,15 @@ def load_published_pipeline(config: AnimateConfig, weights: Path | None, dtype: 
     except Exception as e:  # noqa: BLE001 - hub, file and config errors all end the run in one line
         raise WeightsError(f"cannot load the base model {config.base_model}: {hub_error_message(e, config.base_model)}"
                          ) from None
+
+
+def weight_sources(config: AnimateConfig, weights: Path | None) -> tuple:
+    """(control encoder, UNet weights) a run loads: `--weights DIR`'s pose_encoder/ and unet/, else the preset's."""
+    control = weights or config.control_weights
+    if control is None:
+        raise WeightsError("no control weights: pass --weights DIR or use a preset that names them")
+    unet_weights = weights / "unet" if weights is not None and (weights / "unet").is_dir() else config.unet_weights
+    return control, unet_weights
 
 
 def trained_components(folder: Path) -> dict:
@@ -224,6 +232,10 @@ def reference_frame_poses(pose_input: Path, reference: Path, config: AnimateConf
             logger.info("%s: poses are not aligned to a reference; used as they are", pose_input)
         if config.prepend_reference_pose and (poses.width, poses.height) != ref.original_size:
             raise InputError(NOT_ALIGNED)
+        made_with = poses.meta.get("stride")
+        if made_with is not None and made_with != config.stride:
+            logger.warning("%s: a poses file keeps the stride it was made with (%d); this run's stride %d applies "
+                           "to driving videos only", pose_input, made_with, config.stride)
         if config.published_sampling:
             logger.warning("%s: poses keep the alignment `svd-animate pose` gave them; the published fit "
                            "(whole video, every keypoint) needs the driving video as --pose", pose_input)
@@ -324,12 +336,16 @@ class Animator:
                  dwpose_dir=None, progress: bool = True):
         self.config = config
         self.weights = Path(weights) if weights else None
-        self.device = device
-        self.dtype = resolve_dtype(config.dtype, device)
+        self.device = check_device(device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.dtype == torch.float16 and torch.device(self.device).type == "cpu":
+            logger.warning("--dtype fp16 on the CPU: slow, and some operations may not support it (fp32 is the CPU's "
+                           "default)")
         self.cache = cache
         self.dwpose_dir = dwpose_dir
         self.progress = progress
         self._pipe = None
+        self._weights_checked = False
         self._detector = None
         self._references: dict[tuple, Reference] = {}
         self._resources = contextlib.ExitStack()
@@ -366,6 +382,18 @@ class Animator:
             self._pipe.set_progress_bar_config(desc="sampling (steps x windows)", leave=False,
                                                disable=not self.progress)
         return self._pipe
+
+    def check_weights(self) -> None:
+        """Before the first job extracts any pose: the weights can be had (seconds, where loading would fail only
+        after the extraction)."""
+        if self._pipe is None and not self._weights_checked and self.config.base_model != TINY:
+            from svd_controlnext.weights import check_weights_available
+
+            try:
+                check_weights_available(self.config.base_model, *weight_sources(self.config, self.weights))
+            except WeightsError as e:
+                raise WeightsError(f"{e}; without weights, try --preset tiny") from None
+            self._weights_checked = True
 
     def reconfigure(self, config: AnimateConfig) -> None:
         """Use `config` for the next jobs, keeping the loaded models: every field may change but those that
@@ -416,6 +444,7 @@ class Animator:
 
     def check(self, reference, pose_input, output, config: AnimateConfig, side_by_side: bool = False) -> None:
         """Every check that needs no model: files, size, and whether the video's length fits in memory."""
+        check_not_input(output, {"--ref": reference, "--pose": pose_input})
         check_output_container(output)
         check_writable(output)
         check_inputs(reference, pose_input)
@@ -442,6 +471,7 @@ class Animator:
         width, height = config.width, config.height
 
         report = on_progress or (lambda stage, done, total: None)
+        self.check_weights()
         aligned, ref = reference_frame_poses(pose_input, reference, config, self.detector, self.cache, self.progress,
                                              self.reference, lambda done, total: report("poses", done, total))
         poses, reference_image = output_frame_poses(aligned, ref, config), ref.image
@@ -461,12 +491,14 @@ class Animator:
         windows = len(plan_windows(len(pose_frames), config.window or len(pose_frames), config.overlap))
 
         def each_step(pipe, step, timestep, tensors):  # counted in steps x windows, as the CLI's bar counts
+            check_finite(tensors["latents"], step + 1, config, self.dtype)
             report("sampling", (step + 1) * windows, config.steps * windows)
             return tensors
 
         try:
             latents = pipe(Image.fromarray(reference_image), pose_frames, generator=generator, output_type="latent",
                            callback_on_step_end=each_step, **pipeline_arguments(config)).frames
+            check_finite(latents, config.steps, config, self.dtype)  # whatever the cause: never into a video file
             with VideoWriter(output, fps=fps, audio=audio) as writer:
                 audio = writer.audio  # (a .gif has none)
                 decoded = iter_decoded_frames(pipe.vae, latents, self.decode_chunk(config), self.progress)
@@ -480,11 +512,20 @@ class Animator:
         return AnimateResult(output, len(pose_frames), fps, seed, audio is not None, aligned)
 
 
+def check_finite(latents: torch.Tensor, step: int, config: AnimateConfig, dtype: torch.dtype) -> None:
+    """Stop at the first step whose latents hold NaN or infinity: they would decode to a black video."""
+    if torch.isfinite(latents).all():
+        return
+    hint = "--dtype bf16 or fp32 (half precision overflowed), " if dtype == torch.float16 else ""
+    raise SamplingError(f"sampling gave NaN or infinite values at step {step} of {config.steps} (control scale "
+                        f"{config.control_scale:g}, guidance {config.min_guidance:g}-{config.max_guidance:g}): try "
+                        f"{hint}a smaller --control-scale or --guidance; nothing was written")
+
+
 def check_inputs(reference: Path, pose_input: Path) -> None:
     """Both input files exist, and the driving input is not an image."""
     for path in (reference, pose_input):
-        if not path.is_file():
-            raise InputError(f"{path}: no such file")
+        check_input_file(path)
     if is_image_path(pose_input):
         raise InputError(f"{pose_input}: is an image; --pose takes a driving video or a poses .npz")
 

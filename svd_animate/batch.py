@@ -27,6 +27,7 @@ from tqdm import tqdm
 from pose.skeleton import PoseSequence
 from svd_common.atomic import write_json
 from svd_common.errors import InputError, UserError
+from svd_common.paths import file_keys
 from svd_common.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_container, probe_video, read_image
 
 from .config import AnimateConfig, expand_shortcuts, parse_value, per_job_fields
@@ -121,13 +122,14 @@ def jobs_from_folders(refs: Path, poses: Path, outdir: Path, pairing: str = "all
     jobs = [Job(number, ref, pose, Path(outdir) / default_output(ref, pose))
             for number, (ref, pose) in enumerate(pairs, start=1)]
     _check_unique_outputs(jobs, problems)
+    _check_outputs_are_not_inputs(jobs, problems)
     problems.raise_if_any("batch")
     return jobs
 
 
 def _read_manifest(path: Path) -> list[dict]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # Excel saves CSV as UTF-8 with a byte-order mark
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
     if path.suffix.lower() == ".csv":
@@ -190,6 +192,7 @@ def jobs_from_manifest(path, outdir: Path, config: AnimateConfig | None = None) 
             problems.append(f"{where}: {e}")
         jobs.append(Job(number, files["ref"], files["pose"], output, tuple(sorted(overrides.items()))))
     _check_unique_outputs(jobs, problems)
+    _check_outputs_are_not_inputs(jobs, problems)
     problems.raise_if_any(str(path))
     return jobs
 
@@ -200,6 +203,21 @@ def _check_unique_outputs(jobs: list[Job], problems: Problems) -> None:
         if job.output in seen:
             problems.append(f"jobs {seen[job.output]} and {job.number} both write {job.output.name}")
         seen.setdefault(job.output, job.number)
+
+
+def _check_outputs_are_not_inputs(jobs: list[Job], problems: Problems) -> None:
+    """No job may write over a file that it, or another job, reads (`--overwrite` would replace it)."""
+    inputs = {}
+    for job in jobs:
+        for column, path in (("ref", job.ref), ("pose", job.pose)):
+            for key in file_keys(path):
+                inputs.setdefault(key, (job.number, column, path))
+    for job in jobs:
+        clash = next((inputs[key] for key in file_keys(job.output) if key in inputs), None)
+        if clash is not None:
+            number, column, path = clash
+            whose = "its own" if number == job.number else f"job {number}'s"
+            problems.append(f"job {job.number}: output {job.output.name} would overwrite {whose} {column} {path}")
 
 
 def unreadable_inputs(jobs: list[Job]) -> dict[Path, str]:

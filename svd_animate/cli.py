@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
 from svd_animate.options import add_generation_options
-from svd_common.errors import InputError, UserError
+from svd_common.errors import InputError, Terminated, UserError
 
 logger = logging.getLogger("svd_animate")
 
@@ -84,10 +86,18 @@ def run_pose(args) -> int:
     from pose.detect import load_detector
     from pose.extract import ExtractSettings, detect_reference, extract_aligned
     from pose.preview import write_preview
+    from svd_common.paths import check_input_file, check_not_input
     from svd_common.video import check_output_container, check_writable, is_image_path, probe_video, read_image
 
     if is_image_path(args.video):
         raise InputError(f"{args.video}: is an image; --video takes a driving video")
+    inputs = {"--video": args.video, "--ref": args.ref}
+    check_not_input(args.output, inputs)
+    if args.output.suffix.lower() != ".npz":
+        raise InputError(f"{args.output}: the poses are saved as .npz; end the name with .npz "
+                         f"(--preview takes the video)")
+    if args.preview:
+        check_not_input(args.preview, {**inputs, "-o": args.output}, "the preview")
     method = args.align or ("ls" if args.ref else "none")
     if method != "none" and args.ref is None:
         raise InputError(f"--align {method} needs --ref (the image to align to)")
@@ -97,8 +107,8 @@ def run_pose(args) -> int:
     if args.preview:
         check_output_container(args.preview)
         check_writable(args.preview)
-    if args.ref is not None and not args.ref.is_file():
-        raise InputError(f"{args.ref}: no such file")
+    if args.ref is not None:
+        check_input_file(args.ref)
     probe_video(args.video)  # a bad video fails here, before any model loads
 
     settings = ExtractSettings(args.stride, args.max_frames, args.start, args.end, args.fill)
@@ -154,14 +164,13 @@ def add_animate_parser(subparsers) -> None:
 
 
 def run_animate(args) -> int:
-    import torch
-
     from pose.cache import PoseCache
     from svd_animate.animate import animate
+    from svd_common.devices import check_device
 
     config = config_from_args(args)
     output = args.output or Path(f"{args.pose.stem}_{args.ref.stem}.mp4")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
     cache = None if args.no_cache else PoseCache(args.cache_dir)
     result = animate(args.ref, args.pose, output, config, weights=args.weights, device=device,
                      side_by_side=bool(args.side_by_side), cache=cache, dwpose_dir=args.dwpose_dir,
@@ -202,6 +211,7 @@ def run_batch(args) -> int:
     import os
 
     from svd_animate import batch
+    from svd_common.devices import check_device
 
     if (args.jobs is None) == (args.refs is None and args.poses is None):
         raise InputError("give either --jobs FILE or --refs DIR and --poses DIR")
@@ -212,6 +222,8 @@ def run_batch(args) -> int:
 
         return launch_processes(args.num_processes, sys.argv[1:] if args.argv is None else args.argv)
     config = config_from_args(args)
+    if args.device is not None:
+        check_device(args.device)
     outdir = args.output
     if args.jobs is not None:
         jobs = batch.jobs_from_manifest(args.jobs, outdir, config)
@@ -361,9 +373,11 @@ def run_ui(args) -> int:
     import os
 
     from svd_animate.config import AnimateConfig, load_preset
+    from svd_common.devices import check_device
     from svd_common.video import check_writable
 
     load_preset(args.preset)  # an unknown preset: one line now, not a broken page
+    check_device(args.device)
     output_dir = args.output_dir.resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     check_writable(output_dir / "probe")
@@ -438,7 +452,13 @@ def with_default_command(argv: list[str], commands) -> list[str]:
     return argv
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is \
+        threading.main_thread() else None
     try:
         parser = build_parser()
         commands = parser.get_default("commands")
@@ -448,13 +468,23 @@ def main(argv=None) -> int:
         logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
         logging.getLogger("accelerate").setLevel(max(level, logging.WARNING))  # its per-file INFO lines drown ours
         warnings.filterwarnings("ignore", module="google.protobuf")
+        if not args.verbose:  # the libraries' advice to their developers (hub symlinks, deprecations): -v shows it
+            for library in ("huggingface_hub", "diffusers", "transformers"):
+                for category in (UserWarning, FutureWarning):
+                    warnings.filterwarnings("ignore", category=category, module=library)
         return args.run(args)
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"{PROG}: terminated (SIGTERM); nothing half-written was kept", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ would start them."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -15,4 +16,13 @@ def launch_processes(num_processes: int, argv: list[str]) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}",
                "-m", "svd_animate", *argv]
-    return subprocess.run(command, env=env).returncode
+    process = subprocess.Popen(command, env=env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM here: torchrun passes SIGTERM on to the workers, which clean up
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise

@@ -31,5 +31,15 @@ class TrainingError(UserError):
     """A training run had to stop (a non-finite loss); the last good checkpoint is kept."""
 
 
+class SamplingError(UserError):
+    """Sampling produced NaN or infinite values (an extreme setting, or an overflow in half precision); nothing of
+    the job is written."""
+
+
 class Cancelled(UserError):
     """The user stopped the job (the page's Cancel button); nothing of it was written."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, systemd, Slurm, Kubernetes) turned into an exception, so it unwinds like Ctrl-C: every
+    `with` block closes, temporary files are removed, and the command exits with status 143 (128 + 15)."""

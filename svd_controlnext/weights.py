@@ -22,6 +22,7 @@ import struct
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -65,14 +66,15 @@ def load_state_dict_file(path, mmap: bool = False) -> dict[str, torch.Tensor]:
     except Exception:  # noqa: BLE001 - any failure to parse means "not safetensors": try the pickle path
         pass
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True,
-                           mmap=mmap and zipfile.is_zipfile(path))  # legacy (non-zip) pickles cannot be mapped
+        with warnings.catch_warnings():  # torch's note on the pickle protocol is not the user's concern
+            warnings.simplefilter("ignore")
+            state = torch.load(str(path), map_location="cpu", weights_only=True,
+                               mmap=mmap and zipfile.is_zipfile(path))  # legacy (non-zip) pickles cannot be mapped
     except pickle.UnpicklingError as e:
-        detail = str(e).rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0] if str(e) else ""
-        if "Unsupported global" in detail:
-            detail = detail.split(" was not an allowed global")[0]  # drop torch's advice to allow-list it
+        detail = unpickling_reason(str(e))
+        if "global" in detail.lower():
             raise WeightsError(f"{path}: refused, the pickle carries code or objects, not just tensors "
-                             f"({detail}); nothing was executed") from None
+                               f"({detail}); nothing was executed") from None
         raise WeightsError(f"{path}: not a safetensors or PyTorch checkpoint ({detail or 'unreadable pickle'})") from None
     except Exception as e:  # noqa: BLE001 - zip/pickle/EOF errors all mean "not a checkpoint"
         raise WeightsError(f"{path}: not a safetensors or PyTorch checkpoint ({type(e).__name__})") from None
@@ -81,6 +83,22 @@ def load_state_dict_file(path, mmap: bool = False) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise WeightsError(f"{path}: not a plain {{name: tensor}} checkpoint")
     return state
+
+
+# Lines of torch's weights-only error that advise rather than say what was found; one of them advises
+# `weights_only=False`, the unsafe load this module exists to avoid, so none of them is passed on.
+_TORCH_ADVICE = ("weights only load failed", "weights_only", "trust", "file an issue", "check the documentation",
+                 "alternatively", "allowlist", "safe_globals")
+
+
+def unpickling_reason(message: str) -> str:
+    """What torch's weights-only unpickler found (`Unsupported global: GLOBAL builtins.exec`), without its advice."""
+    found = message.rsplit("WeightsUnpickler error:", 1)[-1]
+    for line in found.splitlines():
+        line = line.split(" was not an allowed global")[0].split(". Please use")[0].strip()
+        if line and not any(advice in line.lower() for advice in _TORCH_ADVICE):
+            return line.removeprefix("Trying to load ").rstrip(".")
+    return ""
 
 
 def key_problems(model: torch.nn.Module, state: dict[str, torch.Tensor], allow_missing: bool = False) -> list[str]:
@@ -185,15 +203,35 @@ def resolve_file(source, filename: str) -> Path:
         raise WeightsError(f"cannot fetch {HUB_SUBFOLDER}/{filename}: {hub_error_message(e, repo)}") from None
 
 
+def check_weights_available(base_model: str, control, unet_weights=None) -> None:
+    """Fail in seconds, before any pose is extracted, when the weights a run needs cannot be had (offline and not
+    cached, a wrong path or repo). The control and UNet checkpoints are resolved as loading resolves them (a
+    download now is one that loading would make anyway); the base model by its UNet's config."""
+    if _diffusers_folder(control, "pose_encoder") is None:
+        resolve_file(control, CONTROLNET_FILE)
+    if unet_weights is not None and _diffusers_unet_folder(unet_weights) is None:
+        file = resolve_file(unet_weights, UNET_FILE)
+        if not file.is_file():
+            raise WeightsError(f"{file}: no such checkpoint file")
+    _unet_config(base_model)
+
+
+def _diffusers_folder(source, name: str) -> Path | None:
+    """A folder written by save_pretrained (or one holding `name/` from `convert` or training), else None."""
+    path = Path(source)
+    for folder in (path, path / name):
+        if folder.is_dir() and (folder / "config.json").is_file():
+            return folder
+    return None
+
+
 # --- the control encoder ---------------------------------------------------------------------------
 
 def load_pose_encoder(source, **config) -> PoseEncoder:
     """From a folder written by `save_pretrained` / `convert`, or from a published `controlnet.bin`."""
-    path = Path(source)
-    if path.is_dir() and (path / "config.json").is_file():
-        return PoseEncoder.from_pretrained(path)
-    if path.is_dir() and (path / "pose_encoder" / "config.json").is_file():
-        return PoseEncoder.from_pretrained(path / "pose_encoder")
+    folder = _diffusers_folder(source, "pose_encoder")
+    if folder is not None:
+        return PoseEncoder.from_pretrained(folder)
     file = resolve_file(source, CONTROLNET_FILE)
     state = load_state_dict_file(file)
     encoder = PoseEncoder(**config)
@@ -390,22 +428,21 @@ def _unet_skeleton(base):
     checkpoint's keys and shapes, and to take the checkpoint's tensors as they are."""
     from accelerate import init_empty_weights
 
+    config = _unet_config(base)
+    with init_empty_weights():
+        return _unet_class().from_config(config)
+
+
+def _unet_config(base) -> dict:
     _check_base_folder(base)
-    unet_class = _unet_class()
     try:
-        config = unet_class.load_config(str(base), subfolder="unet", local_files_only=hub_local_only())
+        return _unet_class().load_config(str(base), subfolder="unet", local_files_only=hub_local_only())
     except Exception as e:  # noqa: BLE001
         raise WeightsError(f"cannot read the UNet config of the base model {base}: {_base_error(e, base)}") from None
-    with init_empty_weights():
-        return unet_class.from_config(config)
 
 
 def _diffusers_unet_folder(source) -> Path | None:
-    path = Path(source)
-    for folder in (path, path / "unet"):
-        if folder.is_dir() and (folder / "config.json").is_file():
-            return folder
-    return None
+    return _diffusers_folder(source, "unet")
 
 
 def _checkpoint_state(file: Path, dtype: torch.dtype, cache_dir, use_cache: bool, check) -> dict[str, torch.Tensor]:

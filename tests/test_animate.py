@@ -113,11 +113,11 @@ def test_no_weights_reachable_points_to_tiny(inputs, tmp_path, capsys, monkeypat
 
 
 def test_too_long_for_memory_refused_before_any_pose_is_extracted(shared_data, tmp_path, capsys, monkeypatch):
-    import pose.detect
+    import svd_animate.animate
     from svd_animate import memory
 
     monkeypatch.setattr(memory, "free_memory", lambda device: (2 * 30 * 64 * 64 * 3, 0))  # room for ~25 frames
-    monkeypatch.setattr(pose.detect, "load_detector", lambda *a, **k: pytest.fail("poses were extracted"))
+    monkeypatch.setattr(svd_animate.animate, "load_detector", lambda *a, **k: pytest.fail("poses were extracted"))
     out = tmp_path / "out.mp4"
     code, _, stderr = run(capsys, "--ref", shared_data / "ref_controlnext_v2_01.jpeg", "--pose",
                           shared_data / "driving_controlnext_v2_01.mp4", "--preset", "tiny", "--max-frames", "100",

@@ -211,6 +211,7 @@ def test_prepare_data_on_real_clips(shared_data, tmp_path, capsys):
     (empty / "broken.mp4").write_bytes(b"not a video")
     code, _, stderr = run_cli(capsys, "prepare-data", "--videos", empty, "-o", tmp_path / "ds2")
     assert code == 2 and "no usable clip" in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ds2").exists()  # no empty dataset folder, no empty poses/ in it
 
 
 # ---- config --------------------------------------------------------------------------------------

@@ -69,6 +69,26 @@ def test_pickle_with_code_is_refused_and_not_run(tmp_path):
     assert not marker.exists()
 
 
+class SystemPayload:
+    """A blocked module's function (os.system): torch words this refusal differently from `exec`'s."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("payload", [Payload("never-written"), SystemPayload()], ids=["exec", "os.system"])
+def test_refusal_never_passes_on_torchs_advice_to_load_unsafely(tmp_path, payload):
+    path = tmp_path / "controlnet.bin"
+    torch.save({"embedding.0.weight": payload}, path)
+    with pytest.raises(WeightsError) as refused:
+        load_state_dict_file(path)
+    message = str(refused.value)
+    assert "refused, the pickle carries code" in message and "nothing was executed" in message
+    assert "weights_only" not in message and "False" not in message and len(message.splitlines()) == 1
+
+
 def test_wrong_model_keys_are_named(published, tmp_path):
     encoder, _ = published
     state = dict(encoder.state_dict())

@@ -70,7 +70,6 @@ def prepare_dataset(videos_dir, output, detector, cache=None, max_frames: int | 
     videos = sorted(p for p in videos_dir.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."))
     if not videos:
         raise InputError(f"{videos_dir}: no videos in it ({', '.join(sorted(VIDEO_SUFFIXES))})")
-    (output / "poses").mkdir(parents=True, exist_ok=True)
     clips, skipped = [], []
     for video in tqdm(videos, desc="prepare-data", unit="video", disable=not progress):
         try:
@@ -79,6 +78,7 @@ def prepare_dataset(videos_dir, output, detector, cache=None, max_frames: int | 
         except InputError as e:
             skipped.append({"video": str(video), "reason": str(e)})
             continue
+        (output / "poses").mkdir(parents=True, exist_ok=True)  # only once a clip gave poses: no empty folders
         pose_file = poses.save(output / "poses" / f"{video.stem}.npz")
         clips.append({"video": str(video.resolve()), "poses": str(pose_file.relative_to(output)),
                       "frames": len(poses), "fps": poses.fps, "width": poses.width, "height": poses.height})

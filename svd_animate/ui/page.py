@@ -157,6 +157,26 @@ def error_status(error: BaseException) -> str:
     return f"Error: {type(error).__name__}: {one_line(error)[:300]} (the server's log has the details)"
 
 
+def reference_image(**kwargs) -> gr.Image:
+    """The reference upload. Gradio opens an upload with PIL before any handler runs, and a file that is not an
+    image (or a decompression bomb) would end there as its generic "the upstream app raised an exception": such a
+    file is passed on by its path instead, and the job's own reader names the problem in one line. (The component
+    is wrapped, not subclassed: Gradio writes a .pyi stub beside the module of every subclass.)"""
+    component = gr.Image(type="filepath", **kwargs)
+    preprocess = component.preprocess
+
+    def tolerant(payload):
+        try:
+            return preprocess(payload)
+        except Exception:  # noqa: BLE001 - whatever PIL says, `read_image` says it better, in the page
+            if payload is None or not getattr(payload, "path", None):
+                raise
+            return str(payload.path)
+
+    component.preprocess = tolerant
+    return component
+
+
 def example_files(folder: Path | None, suffixes) -> list[list[str]]:
     if folder is None or not folder.is_dir():
         return []
@@ -288,7 +308,7 @@ class Page:
                             "server with real weights (`--preset controlnext-svd-v2`) for real output.")
             with gr.Row():
                 with gr.Column():
-                    reference = gr.Image(type="filepath", label="Reference image", sources=["upload"],
+                    reference = reference_image(label="Reference image", sources=["upload"],
                                          elem_id="reference", height=360)
                     images = example_files(self.examples, IMAGE_SUFFIXES)
                     if images:
