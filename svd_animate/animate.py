@@ -31,8 +31,8 @@ from pose.skeleton import PoseSequence
 from svd_common.devices import check_device
 from svd_common.errors import InputError, ResourceError, SamplingError, UserError, WeightsError
 from svd_common.paths import check_input_file, check_not_input
-from svd_common.video import (AudioClip, VideoWriter, check_output_container, check_writable, has_audio, is_image_path,
-                              probe_video, read_image)
+from svd_common.video import (AudioClip, VideoWriter, check_free_space, check_output_container, check_writable,
+                              estimate_video_bytes, has_audio, is_image_path, probe_video, read_image)
 from svd_controlnext.decode import iter_decoded_frames
 from svd_controlnext.schedules import ays_sigmas, make_scheduler
 from svd_controlnext.windows import plan_windows
@@ -452,8 +452,9 @@ class Animator:
             raise InputError(f"--width/--height must be multiples of 64 (the UNet's latent grid), "
                              f"got {config.width}x{config.height}")
         expected = expected_frames(pose_input, config)
-        if expected:  # a video too long for this machine is refused before any pose is extracted
+        if expected:  # a video too long for this machine, or its disk, is refused before any pose is extracted
             check_frames_fit(expected, config.width, config.height, self.dtype, self.device, side_by_side)
+            check_free_space(output, video_bytes(output, expected, config, side_by_side))
 
     def __call__(self, reference, pose_input, output, side_by_side: bool = False,
                  on_progress: Callable[[str, int, int | None], None] | None = None, **overrides) -> AnimateResult:
@@ -476,6 +477,8 @@ class Animator:
                                              self.reference, lambda done, total: report("poses", done, total))
         poses, reference_image = output_frame_poses(aligned, ref, config), ref.image
         check_frames_fit(len(poses), width, height, self.dtype, self.device, side_by_side)
+        needed = video_bytes(output, len(poses), config, side_by_side)
+        check_free_space(output, needed)  # now that the length is known (a poses file does not say it before)
         pose_frames = render_frames(poses, height, width)
         fps = output_fps(poses, config)
         audio = None
@@ -499,7 +502,7 @@ class Animator:
             latents = pipe(Image.fromarray(reference_image), pose_frames, generator=generator, output_type="latent",
                            callback_on_step_end=each_step, **pipeline_arguments(config)).frames
             check_finite(latents, config.steps, config, self.dtype)  # whatever the cause: never into a video file
-            with VideoWriter(output, fps=fps, audio=audio) as writer:
+            with VideoWriter(output, fps=fps, audio=audio, expected_bytes=needed) as writer:
                 audio = writer.audio  # (a .gif has none)
                 decoded = iter_decoded_frames(pipe.vae, latents, self.decode_chunk(config), self.progress)
                 for index, frame in enumerate(decoded):
@@ -510,6 +513,11 @@ class Animator:
                                 "frames: try --offload model, a smaller --window, --height/--width or --dtype fp16"
                                 ) from None
         return AnimateResult(output, len(pose_frames), fps, seed, audio is not None, aligned)
+
+
+def video_bytes(output: Path, frames: int, config: AnimateConfig, side_by_side: bool) -> int:
+    """A generous estimate of the output file's size (the skeleton beside the result doubles the width)."""
+    return estimate_video_bytes(frames, config.width * (2 if side_by_side else 1), config.height, output.suffix)
 
 
 def check_finite(latents: torch.Tensor, step: int, config: AnimateConfig, dtype: torch.dtype) -> None:

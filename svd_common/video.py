@@ -8,9 +8,14 @@ Videos are written in the container their file name's extension names (mp4, mov,
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
+import warnings
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +25,7 @@ import cv2
 import numpy as np
 
 from .atomic import publish
-from .errors import InputError
+from .errors import InputError, InvalidValue, ResourceError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +107,8 @@ def iter_frames(
     """Yield `(source_index, rgb_frame)` for every `stride`-th frame between `start` and `end` seconds.
 
     `source_index` counts decoded frames from the start of the file, so poses can be matched back to
-    frames. A stream that breaks off mid-way raises `InputError` naming the last good frame.
+    frames. A stream that breaks off mid-way raises `InputError` naming the last good frame; one whose decoder
+    runs out well before the container's declared count logs a warning (a truncated file), whatever the options.
     """
     if stride < 1:
         raise InputError(f"--stride must be at least 1, got {stride}")
@@ -111,6 +117,7 @@ def iter_frames(
     if start < 0 or (end is not None and end <= start):
         raise InputError(f"invalid time range: start {start}s, end {end}s")
     yielded = 0
+    ran_out = False  # the decoder had no more frames (not our cap, `end`, or the caller stopping)
     with _open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -140,6 +147,8 @@ def iter_frames(
                 yielded += 1
                 if max_frames is not None and yielded >= max_frames:
                     return
+            else:
+                ran_out = True
         except av.error.FFmpegError as e:
             raise InputError(
                 f"{path}: the video is damaged or truncated after frame {index} ({_reason(e)})"
@@ -148,14 +157,28 @@ def iter_frames(
         where = "" if start == 0 and end is None else f" between {start}s and {end}s"
         raise InputError(f"{path}: the video has no frames{where}")
     declared = int(stream.frames or 0)
-    if declared and end is None and max_frames is None and start == 0 and index + 1 < declared * 0.9:
+    if ran_out and _looks_truncated(index + 1, declared):
         logger.warning("%s: only %d of %d declared frames could be decoded (truncated file?)",
                        path, index + 1, declared)
 
 
+def _looks_truncated(decoded: int, declared: int) -> bool:
+    """Whether a decoder that ran out after `decoded` frames (counted from the file's start) fell short of the
+    container's count: 10% slack, since declared counts are estimates in some containers; 0 declares nothing."""
+    return declared > 0 and decoded < declared * 0.9
+
+
+# The most pixels read_image decodes: where PIL itself refuses a file as a decompression bomb (twice its
+# MAX_IMAGE_PIXELS default of 89,478,485, above which it only warns). 179 MP is about 13,000 x 13,000, 537 MB as
+# RGB: far beyond any reference, while a few hundred bytes of PNG can declare gigapixels that would take the
+# machine's memory. Fixed here rather than read from PIL, whose setting is process-wide and anyone's to change.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+
+
 def read_image(path, orientation: bool = True, transparency: bool = True) -> np.ndarray:
     """An image file as RGB uint8 (H, W, 3), EXIF orientation applied by OpenCV and transparent pixels
-    composited over white. `orientation=False, transparency=False` read it as PIL's plain RGB loader does."""
+    composited over white. `orientation=False, transparency=False` read it as PIL's plain RGB loader does.
+    The size in the file's header is checked against MAX_IMAGE_PIXELS before anything is decoded."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -163,12 +186,66 @@ def read_image(path, orientation: bool = True, transparency: bool = True) -> np.
         raise InputError(f"{path}: not a file")
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: permission denied")
+    size = _header_size(path)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise InputError(f"{path}: {size[0]}x{size[1]} pixels, more than the {MAX_IMAGE_PIXELS} this tool decodes "
+                         "(a decompression bomb?); resize it")
     flags = cv2.IMREAD_COLOR if orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    image = cv2.imread(str(path), flags)
+    try:
+        image = cv2.imread(str(path), flags)
+        composited = _over_background(path, orientation) if transparency and image is not None else None
+    except cv2.error as e:  # OpenCV's own checks (its pixel limit on a format PIL does not know) raise
+        raise InputError(f"{path}: not a readable image ({_one_line(getattr(e, 'err', None) or e)})") from None
     if image is None:
         raise InputError(f"{path}: not a readable image")
-    composited = _over_background(path, orientation) if transparency else None
     return composited if composited is not None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _one_line(text: str) -> str:
+    """`text` with its line breaks and runs of spaces made single spaces: errors are printed as one line."""
+    return " ".join(str(text).split())
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) as the file's header declares them, nothing decoded; None when PIL cannot identify the
+    file (OpenCV, which reads a few formats PIL does not, then decides)."""
+    try:
+        with _open_pil(path) as image:
+            return image.size
+    except Exception:  # any failure to identify: OpenCV reads the file or says it is not an image
+        return None
+
+
+def _open_pil(path: Path):
+    """PIL's lazy image of `path` without PIL's own decompression-bomb warning or error: read_image applies
+    MAX_IMAGE_PIXELS itself, with a message naming the file, whatever PIL.Image.MAX_IMAGE_PIXELS is set to."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombError:
+            return _open_pil_unchecked(path)
+
+
+def _open_pil_unchecked(path: Path):
+    """What Image.open does without its pixel check: the first registered format whose test accepts the file's
+    first bytes reads the header (image data is only decoded on load)."""
+    from PIL import Image, UnidentifiedImageError
+
+    Image.init()
+    with open(path, "rb") as file:
+        prefix = file.read(16)
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        accepted = accept is None or accept(prefix)
+        if accepted and not isinstance(accepted, str):  # a string is a warning, not an acceptance
+            try:
+                return factory(str(path))
+            except (SyntaxError, IndexError, TypeError, ValueError, OSError):
+                continue
+    raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
 
 
 # What shows through transparent pixels of a reference: white, the background of most character sheets (the
@@ -181,9 +258,9 @@ def _over_background(path: Path, orientation: bool) -> np.ndarray | None:
     raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if raw is None or raw.ndim != 3 or raw.shape[2] != 4:
         return None
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
-    with Image.open(path) as image:
+    with _open_pil(path) as image:
         rgba = np.asarray((ImageOps.exif_transpose(image) if orientation else image).convert("RGBA"), np.float32)
     alpha = rgba[..., 3:] / 255.0
     return (rgba[..., :3] * alpha + TRANSPARENCY_BACKGROUND * (1 - alpha)).round().astype(np.uint8)
@@ -244,17 +321,66 @@ def _audio_frames(clip: AudioClip, rate: int, layout: str) -> Iterator[av.AudioF
 STALE_PART_SECONDS = 600
 
 
+def host_tag(hostname: str) -> str:
+    """`hostname` as it goes into a part file's name: characters other than letters, digits, _ and - become _, so
+    the tag holds no dot (the name's separator) and the part's writer can be parsed back."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", hostname) or "_"
+
+
+def _part_prefix(path: Path) -> str:
+    """`.{stem}.{host}-{pid}.`: the start of the temporary file's name, saying which process writes it."""
+    return f".{path.stem}.{host_tag(socket.gethostname())}-{os.getpid()}."
+
+
+def parse_part_name(name: str, path) -> tuple[str, int] | None:
+    """(host, pid) of the process that writes the part file `name` for the video `path`, from
+    `.{stem}.{host}-{pid}.{random}.part{suffix}`; None for any other name (the older `.{stem}.{random}.part...`,
+    another video's part), whose writer is unknown."""
+    path = Path(path)
+    head, tail = f".{path.stem}.", f".part{path.suffix.lower()}"
+    if not (name.startswith(head) and name.endswith(tail)) or len(name) <= len(head) + len(tail):
+        return None
+    found = re.fullmatch(r"([A-Za-z0-9_-]+)-([1-9][0-9]*)\.[^.]+", name[len(head):-len(tail)])
+    return (found[1], int(found[2])) if found else None
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (signal 0 checks without sending anything; a process of
+    another user exists too)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, someone else's
+        return True
+    return True
+
+
 def remove_stale_parts(path: Path, older_than: float = STALE_PART_SECONDS) -> list[Path]:
-    """Temporary files for `path` left by a killed run (kill -9 skips every cleanup). A writer touches its
-    file with every frame, so one untouched for `older_than` seconds belongs to nobody."""
+    """Temporary files for `path` left by a killed run (kill -9 skips every cleanup). A part written by a process
+    of this host that no longer exists is removed at once, one whose writer is alive is kept however long it has
+    been quiet (sampling can take an hour before the first frame). The writer of a part from another host (a
+    shared folder) or of the older name cannot be asked: a writer touches its file with every frame, so one
+    untouched for `older_than` seconds belongs to nobody. (Hosts are told apart by name: containers sharing a
+    folder need their own host names, as Docker and Kubernetes give them.)"""
     import time
 
     path = Path(path)
+    here = host_tag(socket.gethostname())
     now = time.time()
-    stale = [part for part in path.parent.glob(f".{path.stem}.*.part{path.suffix.lower()}")
-             if now - part.stat().st_mtime > older_than]
-    for part in stale:
-        part.unlink(missing_ok=True)
+    stale = []
+    for part in path.parent.glob(f".{path.stem}.*.part{path.suffix.lower()}"):
+        writer = parse_part_name(part.name, path)
+        try:
+            if writer is not None and writer[0] == here:
+                gone = not _process_alive(writer[1])
+            else:
+                gone = now - part.stat().st_mtime > older_than
+        except FileNotFoundError:  # removed meanwhile by its writer or another cleanup
+            continue
+        if gone:
+            part.unlink(missing_ok=True)
+            stale.append(part)
     return stale
 
 
@@ -331,9 +457,14 @@ class VideoWriter:
     Frames go to a temporary file beside the target, renamed over it only by `close()` after the
     last frame; an exception inside the `with` block removes the temporary file and leaves any
     existing output untouched. The audio is encoded at `close()`. The same frames give the same bytes.
+    The temporary file's name says which process writes it (`parse_part_name`). Any OSError while opening,
+    writing or closing (a full disk, a file size limit, an I/O error) removes the temporary file and becomes one
+    line: `ResourceError` when space ran out (`expected_bytes`, when given, says how much the video needs),
+    else `InputError`.
     """
 
-    def __init__(self, path, fps: float, crf: int = 18, audio: AudioClip | None = None):
+    def __init__(self, path, fps: float, crf: int = 18, audio: AudioClip | None = None,
+                 expected_bytes: int | None = None):
         self.path = Path(path)
         check_output_container(self.path)
         check_writable(self.path)
@@ -344,30 +475,39 @@ class VideoWriter:
             logger.warning("%s: the audio is left out (%s)", self.path, why)
             audio = None
         remove_stale_parts(self.path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=f".part{suffix}", dir=self.path.parent)
-        os.close(fd)
-        self._tmp = Path(tmp)
+        self.expected_bytes = expected_bytes
         self._fps = Fraction(fps).limit_denominator(1001)
         self._crf = crf
-        # bitexact: no random Matroska segment id and no library versions in the file, so the bytes depend on
-        # the frames only.
-        self._container = av.open(str(self._tmp), mode="w", format=self._kind.format,
-                                  options={"fflags": "+bitexact"})
         self._stream = None
         self.audio = audio  # what the file will carry: None when nothing, or dropped (GIF)
         self._audio_stream = None
         self.frames_written = 0
+        self._tmp = self._container = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=_part_prefix(self.path), suffix=f".part{suffix}",
+                                       dir=self.path.parent)
+            self._tmp = Path(tmp)
+            os.close(fd)
+            # bitexact: no random Matroska segment id and no library versions in the file, so the bytes depend
+            # on the frames only.
+            self._container = av.open(str(self._tmp), mode="w", format=self._kind.format,
+                                      options={"fflags": "+bitexact"})
+        except OSError as e:
+            raise self._failed(e) from None
 
     def write(self, frame: np.ndarray) -> None:
-        if self._stream is None:
-            self._add_video_stream(*frame.shape[:2])
-        frame = np.ascontiguousarray(frame[: self._stream.height, : self._stream.width])
-        if self._kind.pix_fmt == "pal8":
-            packet_frame = _paletted(frame)
-        else:
-            packet_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-        for packet in self._stream.encode(packet_frame):
-            self._container.mux(packet)
+        try:
+            if self._stream is None:
+                self._add_video_stream(*frame.shape[:2])
+            frame = np.ascontiguousarray(frame[: self._stream.height, : self._stream.width])
+            if self._kind.pix_fmt == "pal8":
+                packet_frame = _paletted(frame)
+            else:
+                packet_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            for packet in self._stream.encode(packet_frame):
+                self._container.mux(packet)
+        except OSError as e:  # PyAV's av.error.OSError and its kin derive from OSError
+            raise self._failed(e) from None
         self.frames_written += 1
 
     def _add_video_stream(self, height: int, width: int) -> None:
@@ -407,21 +547,40 @@ class VideoWriter:
                     self._container.mux(packet)
             if self._audio_stream is not None:
                 self._write_audio()
+            self._container.close()  # writes the trailer (mp4's index): it can meet a full disk too
+            if self.frames_written:
+                publish(self._tmp, self.path)
+        except OSError as e:
+            raise self._failed(e) from None
         except BaseException:
             self.abort()
             raise
-        self._container.close()
         if self.frames_written == 0:
             self._tmp.unlink(missing_ok=True)
             raise InputError(f"{self.path}: no frames to write")
-        publish(self._tmp, self.path)
         return self.path
 
     def abort(self) -> None:
+        """Drop the temporary file. Never raises: it runs while another error is on its way, and the container's
+        close fails as the writing did (a full disk fails the trailer too)."""
         try:
-            self._container.close()
+            if self._container is not None:
+                self._container.close()
+        except Exception as e:
+            logger.debug("%s: closing the abandoned temporary file failed too (%s)", self.path, _reason(e))
         finally:
-            self._tmp.unlink(missing_ok=True)
+            try:
+                if self._tmp is not None:
+                    self._tmp.unlink(missing_ok=True)
+            except OSError as e:
+                logger.warning("%s: the temporary file %s could not be removed (%s)", self.path, self._tmp,
+                               _reason(e))
+
+    def _failed(self, error: OSError) -> UserError:
+        """The one-line error for `error`, the temporary file removed first (so the free space it reports is
+        what the next try has)."""
+        self.abort()
+        return write_error(self.path, error, self.expected_bytes)
 
     def __enter__(self):
         return self
@@ -434,12 +593,94 @@ class VideoWriter:
         return False
 
 
+# errno of a write that ran out of room: what to say about it.
+_NO_ROOM = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "over the disk quota",
+    errno.EFBIG: "larger than the file system or the file size limit (ulimit -f) allows",
+}
+
+
+def write_error(path, error: OSError, needed: int | None = None) -> UserError:
+    """The one-line error for an OSError met writing the video `path`: `ResourceError` when it ran out of room
+    (with the free space left and, when known, the `needed` bytes), else `InputError` with the system's reason."""
+    code = getattr(error, "errno", None)
+    if code not in _NO_ROOM:
+        return InputError(f"{path}: cannot write ({_one_line(_reason(error))})")
+    try:
+        room = [f"{format_bytes(shutil.disk_usage(_existing_ancestor(Path(path).parent)).free)} free"]
+    except OSError:
+        room = []
+    if needed is not None:
+        room.append(f"the video needs about {format_bytes(needed)}")
+    return ResourceError(f"{path}: {_NO_ROOM[code]}" + (f" ({'; '.join(room)})" if room else ""))
+
+
+# Output bytes per frame, as a fraction of the raw RGB frame (width * height * 3 bytes): generous for anything
+# this tool writes. At crf 18 a generated or filmed 576x1024 clip takes under 1% of raw in H.264 and VP9
+# (measured: 0.9% and 0.8%), high-detail footage a few %; 1/8 covers those many times over. Only synthetic
+# uniform noise, which no codec compresses, goes beyond (21% H.264, 27% VP9): a test pattern, not a video.
+_VIDEO_FRACTION = (1, 8)
+# GIF stores LZW-coded palette indices, one byte a pixel before coding: a real clip takes about 0.46 byte a
+# pixel (measured), noise up to 1.4; one byte a pixel bounds real content.
+_GIF_BYTES_PER_PIXEL = 1
+_CONTAINER_OVERHEAD = 64 * 1024  # headers, index, and the sound track of a short clip
+
+
+def estimate_video_bytes(frames: int, width: int, height: int, suffix: str) -> int:
+    """A generous upper estimate of the size of a video VideoWriter writes, to check the free space before the
+    work rather than fail at the end of it."""
+    suffix = suffix.lower()
+    if suffix not in _CONTAINERS:
+        raise InvalidValue(f"no size estimate for {suffix or 'a name without extension'} videos")
+    if suffix == ".gif":
+        per_frame = width * height * _GIF_BYTES_PER_PIXEL
+    else:
+        numerator, denominator = _VIDEO_FRACTION
+        per_frame = width * height * 3 * numerator // denominator
+    return _CONTAINER_OVERHEAD + frames * per_frame
+
+
+def format_bytes(count: int) -> str:
+    """A byte count as people read it, in binary units as `df -h` prints them: 512 B, 1.5 KiB, 20.0 MiB."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if round(value, 1) < 1024:
+            break
+        value /= 1024
+    else:
+        unit = "TiB"
+    return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def check_free_space(path, needed: int) -> None:
+    """Refuse, before any work, to write `needed` bytes to `path` when its folder's file system has less free
+    (`needed` from `estimate_video_bytes`); a full disk found after an hour of sampling loses that hour."""
+    path = Path(path)
+    folder = _existing_ancestor(path.parent)
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ResourceError(f"{path}: {format_bytes(free)} free in {folder}, the video needs about "
+                            f"{format_bytes(needed)}; free some space or write elsewhere")
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    """`folder` itself or the nearest of its parents that exists (what a missing folder would be made in)."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
 def check_writable(path) -> Path:
     """Fail early, before any work, when `path` cannot be written (probes with a real file, since
     permission bits say nothing for root or read-only mounts)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
+        ancestor = _existing_ancestor(parent)
+        if not ancestor.is_dir():
+            raise InputError(f"{path}: {ancestor} is a file, not a folder")
         raise InputError(f"{path}: folder {parent} does not exist")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, expected a file name")

@@ -278,3 +278,32 @@ def test_weights_that_cannot_be_had_are_named_before_any_pose_is_extracted(share
                           "--height", "64", "--max-frames", "4", "-o", out)  # the published preset, offline
     assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
     assert "controlnet.bin" in stderr and "try --preset tiny" in stderr and not out.exists()
+
+
+# ---- a full disk -------------------------------------------------------------------------------------------
+
+def test_an_output_folder_without_room_is_refused_before_any_pose_is_extracted(shared_data, tmp_path, capsys,
+                                                                               monkeypatch):
+    import svd_animate.animate
+    import svd_common.video
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(svd_common.video.shutil, "disk_usage", lambda folder: usage._replace(free=40_000))
+    monkeypatch.setattr(svd_animate.animate, "load_detector", lambda *a, **k: pytest.fail("poses were extracted"))
+    out = tmp_path / "out.mp4"
+    code, _, stderr = run(capsys, "--ref", shared_data / REF, "--pose", shared_data / CLIP, "--preset", "tiny",
+                          "--stride", "1", "--max-frames", "60", "-o", out)
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    # 64 KiB of container + 60 frames x 64 x 64 x 3 / 8 bytes = 157696 bytes
+    assert "39.1 KiB free in" in stderr and "the video needs about 154.0 KiB" in stderr and not out.exists()
+
+
+def test_a_poses_file_is_measured_once_its_length_is_known(files, tmp_path, capsys, monkeypatch):
+    import svd_common.video
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(svd_common.video.shutil, "disk_usage", lambda folder: usage._replace(free=1000))
+    code, _, stderr = run(capsys, "--ref", files["ref"], "--pose", files["poses"], "--preset", "tiny",
+                          "-o", tmp_path / "out.mp4")
+    assert code == 2 and "1000 B free in" in stderr and "needs about 68.5 KiB" in stderr, stderr  # 65536 + 3 x 1536
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["poses.npz", "ref.png"]
