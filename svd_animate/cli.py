@@ -93,6 +93,7 @@ def run_pose(args) -> int:
         raise InputError(f"{args.video}: is an image; --video takes a driving video")
     inputs = {"--video": args.video, "--ref": args.ref}
     check_not_input(args.output, inputs)
+    check_writable(args.output)
     if args.output.suffix.lower() != ".npz":
         raise InputError(f"{args.output}: the poses are saved as .npz; end the name with .npz "
                          f"(--preview takes the video)")
@@ -103,7 +104,6 @@ def run_pose(args) -> int:
         raise InputError(f"--align {method} needs --ref (the image to align to)")
     if args.end is not None and args.end <= args.start:
         raise InputError(f"--end ({args.end}s) must come after --start ({args.start}s)")
-    check_writable(args.output)
     if args.preview:
         check_output_container(args.preview)
         check_writable(args.preview)
@@ -404,6 +404,8 @@ def run_ui(args) -> int:
             raise InputError(f"cannot serve on {args.host}:{args.port}: {reason}") from None
         print(f"{PROG} ui: http://{args.host}:{args.port} (results in {output_dir}; Ctrl-C stops)", flush=True)
         blocks.block_thread()
+        if TERMINATED.is_set():
+            raise Terminated()
     finally:
         runner.close()
     return 0
@@ -452,11 +454,17 @@ def with_default_command(argv: list[str], commands) -> list[str]:
     return argv
 
 
+# Set by SIGTERM: Gradio's server loop takes the Terminated it raises for a Ctrl-C and returns normally.
+TERMINATED = threading.Event()
+
+
 def _raise_terminated(signum, frame):
+    TERMINATED.set()
     raise Terminated()
 
 
 def main(argv=None) -> int:
+    TERMINATED.clear()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if threading.current_thread() is \
         threading.main_thread() else None
     try:

@@ -37,12 +37,14 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 def option(default, help: str, *, flag: str | None = "", per_job: bool = False, load: bool = False,
-           minimum: float | None = None):
+           minimum: float | None = None, maximum: float | None = None, flag_help: str | None = None):
     """A config field. `flag`: the CLI flag ("" derives `--name-with-dashes`, None: no flag); `per_job`: a batch
-    manifest column; `load`: it decides which models load, so it is fixed for a whole run; `minimum`: the
-    smallest allowed value."""
+    manifest column; `load`: it decides which models load, so it is fixed for a whole run; `minimum`, `maximum`:
+    the smallest and largest allowed values; `flag_help`: the flag's own help where the flag inverts the field
+    (`--no-audio` leaves out what `audio` keeps), else the field's `help` serves both."""
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "per_job": per_job,
-                                                        "load": load, "minimum": minimum})
+                                                        "load": load, "minimum": minimum, "maximum": maximum,
+                                                        "flag_help": flag_help})
 
 
 @dataclasses.dataclass
@@ -60,7 +62,10 @@ class AnimateConfig:
                                  per_job=True, minimum=0)
     max_guidance: float = option(3.0, "classifier-free guidance at the last frame of a window", flag=None,
                                  per_job=True, minimum=0)
-    control_scale: float = option(1.0, "strength of the pose control (1 = as trained)", per_job=True)
+    # [0, 10]: ComfyUI's ControlNet strength range (ControlNetApply's `strength`); far beyond it the control
+    # swamps the UNet (1e30 writes an all-black video).
+    control_scale: float = option(1.0, "strength of the pose control (1 = as trained)", per_job=True, minimum=0,
+                                  maximum=10)
     window: int = option(24, "frames per window", per_job=True, minimum=1)
     overlap: int = option(6, "frames shared by neighbouring windows", per_job=True, minimum=0)
     fusion: Literal[FUSION_MODES] = option("ramp", "how overlapping windows are blended: ramp (position-weighted) "
@@ -97,7 +102,11 @@ class AnimateConfig:
     decode_chunk_size: int | None = option(None, "frames per VAE decode (default: 8, fewer with a warning when half "
                                            "the free memory cannot hold 8; the chunk changes the pixels)",
                                            flag="--decode-chunk", minimum=1)
-    seed: int = option(42, "random seed (-1: a new one each run, printed)", per_job=True, minimum=-1)
+    # torch.Generator.manual_seed and torch.manual_seed (tiny_components) take up to 2**64 - 1, but the web page's
+    # number input carries the seed as a JavaScript double, exact only up to 2**53 (a larger seed typed there
+    # would silently become another): 2**32 - 1, numpy.random.seed's range, which most diffusion tools use too.
+    seed: int = option(42, "random seed (-1: a new one each run, printed)", per_job=True, minimum=-1,
+                       maximum=2**32 - 1)
     dtype: Literal[DTYPES] = option("auto", "auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16", load=True)
     offload: Literal[OFFLOAD_MODES] = option("none", "keep models in CPU memory: model (each model moves to the GPU "
                                              "while it runs) or sequential (each layer; slowest, least memory)",
@@ -105,7 +114,8 @@ class AnimateConfig:
     compile: bool = option(False, "torch.compile the UNet (slow first step)", load=True)
     low_vram: bool = option(False, "for GPUs with little memory: model offload, feed-forward chunking and "
                                    "one-frame decode chunks", load=True)
-    audio: bool = option(True, "keep the driving clip's audio track (--no-audio: leave it out)", flag="--no-audio")
+    audio: bool = option(True, "keep the driving clip's audio track", flag="--no-audio",
+                         flag_help="leave out the driving clip's audio track (default: keep it)")
     detector: Literal[DETECTORS] = option("auto", "pose backend", flag=None, load=True)
     align: Literal[(*ALIGN_METHODS, "none")] = option("ls", "retarget the driving poses to the reference",
                                                       flag=None, per_job=True)
@@ -137,20 +147,38 @@ def allowed_values(annotation) -> tuple | None:
     return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else None
 
 
-def check_value(field: dataclasses.Field, annotation, value) -> None:
-    """One field's allowed values, finiteness and minimum, named in one line."""
+def check_value(field: dataclasses.Field, annotation, value, name: str | None = None) -> None:
+    """One field's allowed values, finiteness and range, in one line naming `name`: what the user typed (a flag),
+    the field's name by default (a preset or manifest key)."""
+    name = name or field.name
     if isinstance(value, float) and not math.isfinite(value):  # --guidance nan would sample an all-black video
-        raise InputError(f"{field.name} must be a finite number, got {value!r}")
+        raise InputError(f"{name} must be a finite number, got {value!r}")
     choices = allowed_values(annotation)
     if choices is not None and value not in choices:
-        raise InputError(f"{field.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
-    minimum = field.metadata.get("minimum")
-    if minimum is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < minimum:
-        raise InputError(f"{field.name} must be at least {minimum:g}, got {value!r}")
+        raise InputError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        problem = range_problem(value, field.metadata.get("minimum"), field.metadata.get("maximum"))
+        if problem:
+            raise InputError(f"{name} must be {problem}, got {value!r}")
+
+
+def range_problem(value, minimum, maximum) -> str | None:
+    """What `value` breaks of [minimum, maximum] (either may be None), saying the whole allowed range, so one
+    message tells the user what to type; None when it is inside."""
+    if (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
+        return None
+    if minimum is not None and maximum is not None:
+        return f"between {_number(minimum)} and {_number(maximum)}"
+    return f"at least {_number(minimum)}" if minimum is not None else f"at most {_number(maximum)}"
+
+
+def _number(value) -> str:
+    """A bound as the user would type it: 4294967295, not 4.29497e+09 (an int); 10, not 10.0 (a float)."""
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 def check_config(config) -> None:
-    """Every field's allowed values and minimum; run whenever a config is made (`__post_init__`)."""
+    """Every field's allowed values and range; run whenever a config is made (`__post_init__`)."""
     types = field_types(type(config))
     for field in dataclasses.fields(config):
         check_value(field, types[field.name], getattr(config, field.name))
@@ -283,18 +311,52 @@ def read_yaml(path: Path):
         raise InputError(f"{path}: not valid YAML ({e})") from None
 
 
+def is_preset_name(text: str) -> bool:
+    """`tiny` names a built-in preset; `mine.yaml`, `presets/mine` and `./tiny` are files."""
+    path = Path(text)
+    return path.name == text and not path.suffix
+
+
+def preset_path(name_or_path: str, folder: Path | None = None) -> Path:
+    """Where a preset is: a built-in one by name, else the file, a relative path taken from `folder` (the
+    extending preset's own), so `extends: base.yaml` finds its neighbour whatever the current directory."""
+    if is_preset_name(name_or_path):
+        return CONFIG_DIR / f"{name_or_path}.yaml"
+    return Path(name_or_path) if folder is None else folder / name_or_path
+
+
+def circle_message(chain: tuple[Path, ...], path: Path) -> str | None:
+    """The one line refusing `path` when it is already in `chain` (the presets extending down to it), naming
+    the circle; None when it is not. Each file by its name, or by its path where two names are alike."""
+    seen = [p.resolve() for p in chain]
+    if path.resolve() not in seen:
+        return None
+    circle = (*chain[seen.index(path.resolve()):], path)
+    names = [p.name for p in circle]
+    shown = names if len(set(names)) == len({p.resolve() for p in circle}) else [str(p) for p in circle]
+    return f"{circle[0]}: presets extend each other in a circle ({' -> '.join(shown)})"
+
+
 def load_preset(name_or_path: str) -> AnimateConfig:
     """`tiny`, `controlnext-svd-v2`, or a YAML file; unknown keys and wrong types are refused by name."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    return _load_preset(name_or_path, None, ())
+
+
+def _load_preset(name_or_path: str, folder: Path | None, chain: tuple[Path, ...]) -> AnimateConfig:
+    """`load_preset` for a preset reached through `chain` (the files extending it, from `folder`, the last's)."""
+    path = preset_path(name_or_path, folder)
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise InputError(f"{name_or_path}: no such preset (built in: {known})")
+        raise InputError(f"{name_or_path if is_preset_name(name_or_path) else path}: no such preset "
+                         f"(built in: {known})")
+    circle = circle_message(chain, path)
+    if circle:
+        raise InputError(circle)
     own = read_yaml(path)
     base = own.pop("extends", None) if isinstance(own, dict) else None
     # `extends: PRESET`: that preset's values, this file's over them
-    values = {**dataclasses.asdict(load_preset(str(base))), **own} if base is not None else own
+    values = ({**dataclasses.asdict(_load_preset(str(base), path.parent, (*chain, path))), **own}
+              if base is not None else own)
     config = config_from_mapping(AnimateConfig, values, f"{path}")
     if config.published_sampling:
         config = with_published_sampling(config, explicit=own)

@@ -15,8 +15,8 @@ from pathlib import Path
 from pose.align import ALIGN_METHODS
 from pose.detect import DETECTORS
 
-from .config import (AnimateConfig, allowed_values, expand_shortcuts, field_types, load_preset, with_fast_sampling,
-                     with_published_sampling)
+from .config import (SHORTCUTS, AnimateConfig, allowed_values, check_value, expand_shortcuts, field_types, load_preset,
+                     with_fast_sampling, with_published_sampling)
 
 DEFAULT_PRESET = "controlnext-svd-v2"
 
@@ -24,7 +24,9 @@ DEFAULT_PRESET = "controlnext-svd-v2"
 @dataclasses.dataclass(frozen=True)
 class Option:
     """One option: its name (the config field or argparse dest), flag, value type, allowed values, help.
-    `on_page`: a per-job input of the web page (False: fixed for the whole server, a `ui` command flag)."""
+    `on_page`: a per-job input of the web page (False: fixed for the whole server, a `ui` command flag).
+    `minimum`, `maximum`: the field's range, for an input that can hold to it (a number box); the values given
+    are checked against the field in `config_from_values` either way."""
 
     name: str
     help: str
@@ -33,6 +35,8 @@ class Option:
     choices: tuple | None = None
     default: object = None  # None: not given (the preset's value applies)
     on_page: bool = True
+    minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def cli_flag(self) -> str:
@@ -59,7 +63,9 @@ class Option:
 
 
 def config_options() -> list[Option]:
-    """One option per `AnimateConfig` field with a flag, everything about it taken from the field."""
+    """One option per `AnimateConfig` field with a flag, everything about it taken from the field; its help is
+    the flag's own where the flag inverts the field (`--no-audio`), as the CLI and the page's "no audio" box
+    both say what the flag does."""
     types = field_types(AnimateConfig)
     options = []
     for field in dataclasses.fields(AnimateConfig):
@@ -69,8 +75,9 @@ def config_options() -> list[Option]:
         annotation = types[field.name]
         kind = next((t for t in (bool, int, float, str) if t == annotation or t in getattr(annotation, "__args__", ())),
                     str)
-        options.append(Option(field.name, field.metadata["help"], kind, flag, allowed_values(annotation),
-                              on_page=not field.metadata.get("load")))
+        options.append(Option(field.name, field.metadata.get("flag_help") or field.metadata["help"], kind, flag,
+                              allowed_values(annotation), on_page=not field.metadata.get("load"),
+                              minimum=field.metadata.get("minimum"), maximum=field.metadata.get("maximum")))
     return options
 
 
@@ -118,9 +125,24 @@ def generation_options() -> list[Option]:
     ]
 
 
+def check_given(values) -> None:
+    """Every value given for a config field (a shortcut: against its first field, `--guidance` against
+    min_guidance's), named by its flag: the user typed `--guidance nan`, not min_guidance. Run before the config
+    is made, whose own checks can only name fields."""
+    fields = {field.name: field for field in dataclasses.fields(AnimateConfig)}
+    types = field_types(AnimateConfig)
+    for option in generation_options():
+        target = SHORTCUTS.get(option.name, (option.name,))[0]
+        value = values.get(option.name)
+        if value is not None and target in fields:
+            check_value(fields[target], types[target], value, option.cli_flag)
+
+
 def config_from_values(values) -> AnimateConfig:
-    """The preset, then the published or fast settings, then every value given (None: not given). `values`
-    maps option names to values: argparse's namespace as a dict, or the web page's inputs."""
+    """The preset, then the published or fast settings, then every value given (None: not given), each checked
+    first and named by its flag. `values` maps option names to values: argparse's namespace as a dict, or the
+    web page's inputs."""
+    check_given(values)
     fields = {field.name: values.get(field.name) for field in dataclasses.fields(AnimateConfig)}
     fields = expand_shortcuts({**fields, "guidance": values.get("guidance")})
     config = load_preset(values.get("preset") or DEFAULT_PRESET)

@@ -349,7 +349,7 @@ def test_target_fps_keeps_a_slow_clip_at_its_own_rate(shared_data, tmp_path, cap
     with av.open(str(tmp_path / "native.mp4")) as container:
         assert float(container.streams.video[0].average_rate) == pytest.approx(7.5)
     code, _, err = run(capsys, *common, "--fps", "0", "-o", tmp_path / "zero.mp4")
-    assert code == 2 and err == "svd-animate: error: fps must be at least 0.01, got 0.0\n"
+    assert code == 2 and err == "svd-animate: error: --fps must be at least 0.01, got 0.0\n"
 
 
 def test_the_same_run_twice_gives_the_same_bytes_in_the_container_the_name_asks(inputs, tmp_path, capsys):

@@ -93,7 +93,7 @@ def test_manifest_values_are_checked_against_the_fields_and_the_config(tmp_path)
 def test_non_finite_guidance_and_an_unwritable_container_are_refused_before_work(tmp_path, capsys):
     base = ["-q", "--ref", str(tmp_path / "r.png"), "--pose", str(tmp_path / "p.mp4"), "--preset", "tiny"]
     assert cli.main([*base, "--guidance", "nan"]) == 2
-    assert capsys.readouterr().err == "svd-animate: error: min_guidance must be a finite number, got nan\n"
+    assert capsys.readouterr().err == "svd-animate: error: --guidance must be a finite number, got nan\n"
     assert cli.main([*base, "-o", str(tmp_path / "out.avi")]) == 2
     assert capsys.readouterr().err == (f"svd-animate: error: {tmp_path / 'out.avi'}: cannot write .avi videos; end "
                                        "the name with .mp4, .mov, .mkv, .webm or .gif\n")

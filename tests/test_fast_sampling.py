@@ -200,7 +200,7 @@ def test_fast_flag_keeps_explicit_flags_and_refuses_the_published_path(tmp_path,
              "sigma_schedule ays needs scheduler euler (dpm++2m makes its own noise levels)"),
             (["--guidance-sigma-min", "2", "--guidance-sigma-max", "1"],
              "guidance_sigma_max (1) must be above guidance_sigma_min (2)"),
-            (["--cache-interval", "0"], "cache_interval must be at least 1, got 0")]:
+            (["--cache-interval", "0"], "--cache-interval must be at least 1, got 0")]:
         assert cli.main([*base, *extra]) == 2
         assert capsys.readouterr().err == f"svd-animate: error: {message}\n"
 

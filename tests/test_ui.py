@@ -233,9 +233,9 @@ def test_bad_inputs_are_one_line_errors_before_any_work(runner, shared_data, tmp
              (shared_data / REF, None, r"^no driving video: upload one"),
              (shared_data / REF, notes, r"notes.txt"),
              (shared_data / REF, shared_data / REF, r"is an image; the driving input must be a video"),
-             (shared_data / REF, shared_data / CLIP, r"max_frames must be at least 1")]
+             (shared_data / REF, shared_data / CLIP, r"--max-frames must be at least 1, got 0")]
     for reference, video, message in cases:
-        values = {**TINY, "max_frames": 0} if "max_frames" in message else TINY
+        values = {**TINY, "max_frames": 0} if "--max-frames" in message else TINY
         with pytest.raises(UserError, match=message) as error:
             runner.poses(reference, video, values)
         assert "\n" not in str(error.value)

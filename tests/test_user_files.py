@@ -307,3 +307,22 @@ def test_a_poses_file_is_measured_once_its_length_is_known(files, tmp_path, caps
                           "-o", tmp_path / "out.mp4")
     assert code == 2 and "1000 B free in" in stderr and "needs about 68.5 KiB" in stderr, stderr  # 65536 + 3 x 1536
     assert sorted(p.name for p in tmp_path.iterdir()) == ["poses.npz", "ref.png"]
+
+
+def test_sigterm_stops_the_web_page_server_with_143(tmp_path):
+    pytest.importorskip("gradio")
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "svd_animate", "-q", "ui", "--preset", "tiny", "--port",
+                                str(port), "--output-dir", str(tmp_path / "ui")], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "GRADIO_TEMP_DIR": str(tmp_path)})
+    try:
+        assert f"http://127.0.0.1:{port}" in process.stdout.readline()  # printed once the server listens
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 143 and stderr.strip().splitlines()[-1].startswith("svd-animate: terminated"), stderr
