@@ -217,10 +217,6 @@ def run_batch(args) -> int:
         raise InputError("give either --jobs FILE or --refs DIR and --poses DIR")
     if args.jobs is None and (args.refs is None or args.poses is None):
         raise InputError("--refs and --poses go together")
-    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ and not args.dry_run:
-        from svd_animate.launch import launch_processes
-
-        return launch_processes(args.num_processes, sys.argv[1:] if args.argv is None else args.argv)
     config = config_from_args(args)
     if args.device is not None:
         check_device(args.device)
@@ -229,6 +225,10 @@ def run_batch(args) -> int:
         jobs = batch.jobs_from_manifest(args.jobs, outdir, config)
     else:
         jobs = batch.jobs_from_folders(args.refs, args.poses, outdir, args.pairing)
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ and not args.dry_run:
+        from svd_animate.launch import launch_processes  # (each process checks again: one line here, not N)
+
+        return launch_processes(args.num_processes, sys.argv[1:] if args.argv is None else args.argv)
     if not args.dry_run:  # a dry run writes nothing, not even the folder
         batch.prepare_outdir(outdir)
     unreadable = batch.unreadable_inputs(jobs)

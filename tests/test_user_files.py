@@ -118,6 +118,22 @@ def test_batch_lists_an_output_that_is_an_input_with_the_other_problems(files, t
     assert clip.read_bytes() == b"the user's clip"
 
 
+def test_a_multi_process_batch_names_its_problems_once_before_starting_processes(files, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import svd_animate.launch
+
+    monkeypatch.setattr(svd_animate.launch, "launch_processes", lambda *a: pytest.fail("processes were started"))
+    manifest = tmp_path / "jobs.csv"
+    manifest.write_text(f"ref,pose,output\n{files['ref']},{files['poses']},{files['poses']}\n")
+    code, _, stderr = run(capsys, "batch", "--jobs", manifest, "-o", tmp_path, "--preset", "tiny",
+                          "--num-processes", "2")
+    assert code == 2 and "job 1: output poses.npz would overwrite its own pose" in stderr
+    code, _, stderr = run(capsys, "batch", "--jobs", manifest, "-o", tmp_path, "--preset", "tiny",
+                          "--num-processes", "2", "--device", "banana")
+    assert code == 2 and stderr.strip() == "svd-animate: error: --device banana: not a device name (this machine " \
+                                           f"has: {', '.join(available_devices())})"
+
+
 def test_batch_reads_a_csv_saved_by_excel(files, tmp_path):
     from svd_animate.batch import jobs_from_manifest
 
