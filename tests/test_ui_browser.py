@@ -195,6 +195,19 @@ def test_a_file_that_is_not_a_video_is_one_line_in_the_page(page, server, shared
     assert server.entries() == before
 
 
+def test_a_text_file_uploaded_as_the_reference_is_one_line_in_the_page(page, server, shared_data, tmp_path):
+    before = server.entries()
+    notes = tmp_path / "notes.png"
+    notes.write_text("a shopping list with an image's name")
+    page.locator("#reference input[type=file]").set_input_files(str(notes))
+    upload(page, video=shared_data / CLIP)
+    page.click("#show-poses")
+    text = wait_for_status(page, "Error", "Poses:")
+    assert re.fullmatch(r"Error: \S*notes\.png: not a readable image", text), text  # not Gradio's generic error
+    assert "Traceback" not in page.inner_text("body")
+    assert server.entries() == before
+
+
 def test_animate_without_inputs_says_what_is_missing(page, server):
     page.click("#animate")
     assert wait_for_status(page, "Error") == "Error: no reference image: upload one, or pick an example"
