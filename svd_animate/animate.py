@@ -79,6 +79,10 @@ def load_pipeline(config: AnimateConfig, weights: Path | None, device: str, dtyp
     if config.base_model == TINY and dtype != torch.float32:
         pipe.to(dtype=dtype)
     place_pipeline(pipe, device, "model" if config.low_vram and config.offload == "none" else config.offload)
+    from svd_controlnext.attention import apply_bounded_attention
+
+    for model in (pipe.unet, pipe.vae):  # CUDA: fused attention only; a call no fused kernel takes runs in pieces
+        apply_bounded_attention(model)
     if config.low_vram:
         # One frame at a time through the feed-forward layers: their 4x-wide hidden states are the largest
         # activations of a full-size step (3.2 of its 7.9 GiB at 576x1024 fp16, bench/memory.py).
