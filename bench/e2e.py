@@ -12,6 +12,8 @@ Prints one JSON object as its last line: seconds, seconds per output frame and p
 (RSS on CPU; torch.cuda.max_memory_allocated on GPU), `time_ratio` (ours / published), `time_ratio_fast`
 (fast / published), `speedup` of each technique alone (ours / it), and how far DeepCache's and fast's latents move
 from ours (random weights say nothing about quality, only that nothing is broken).
+Every mode's pipeline can be placed as svd-animate's options place it: --offload, --low-vram, --compile (and
+--compile-backend); bench/acceptance.py runs each mode of the tool through `make_pipeline` and `run_video`.
 Run: .venv/bin/python bench/e2e.py --quick          (CPU: 64x64, 12 frames, windows 8/2, 25 steps)
      .venv/bin/python bench/e2e.py --device cuda    (576x1024, 48 frames, windows 24/6, 25 steps)
 """
@@ -32,29 +34,47 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ("published", "ours", "fast", "ays", "interval", "deepcache")
 
 
-def child(mode: str, args) -> dict:
+def make_pipeline(mode: str, args, components=None):
+    """`mode`'s pipeline (full-size random weights unless `components`, a callable, gives others), in its dtype and
+    placed by `svd_animate.animate.prepare_pipeline`, as a loaded one is: `args.offload` (none, model, sequential),
+    `args.low_vram` (model offload when no offload is asked, feed-forward chunking), `args.compile` (the UNet
+    compiled in place, with `args.compile_backend`). Returns (pipe, dtype)."""
     sys.path.insert(0, str(ROOT))
+    import torch
+
+    from bench.fullsize import full_components, published_settings
+    from svd_animate.animate import prepare_pipeline
+    from svd_controlnext.pipeline import ControlNeXtSVDPipeline
+
+    published = mode == "published"
+    dtype = torch.float32 if published or args.dtype == "fp32" else {"fp16": torch.float16,
+                                                                       "bf16": torch.bfloat16}[args.dtype]
+    pipe = ControlNeXtSVDPipeline(**(components or full_components)())
+    pipe.to(dtype=dtype)
+    prepare_pipeline(pipe, args.device, getattr(args, "offload", "none"), low_vram=getattr(args, "low_vram", False),
+                     compile=getattr(args, "compile", False),
+                     compile_backend=getattr(args, "compile_backend", "inductor"))
+    pipe.set_progress_bar_config(disable=True)
+    if published:
+        published_settings(pipe)
+    return pipe, dtype
+
+
+def run_video(pipe, mode: str, args, dtype):
+    """One video through `pipe` (`make_pipeline`) at `args`' size, frames, windows and steps, sampling then decoding
+    as `mode` does. Returns (the measures: seconds, sampling and decoding, peak memory, ...; the final latents in
+    float32 on the CPU)."""
     import numpy as np
     import torch
     from PIL import Image
 
-    from bench.fullsize import full_components, published_settings
-    from svd_animate.animate import pipeline_arguments, place_pipeline
+    from svd_animate.animate import pipeline_arguments
     from svd_animate.config import AnimateConfig, with_fast_sampling
     from svd_animate.memory import DEFAULT_DECODE_CHUNK, decode_chunk_for, free_memory
     from svd_controlnext.decode import iter_decoded_frames
-    from svd_controlnext.pipeline import ControlNeXtSVDPipeline
 
     device = torch.device(args.device)
     published = mode == "published"
-    dtype = torch.float32 if published or args.dtype == "fp32" else {"fp16": torch.float16,
-                                                                       "bf16": torch.bfloat16}[args.dtype]
-    pipe = ControlNeXtSVDPipeline(**full_components())
-    pipe.to(dtype=dtype)
-    place_pipeline(pipe, args.device, "none")
-    pipe.set_progress_bar_config(disable=True)
-    if published:
-        published_settings(pipe)
     width, height = map(int, args.size.split("x"))
     rng = np.random.default_rng(0)
     reference = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
@@ -77,7 +97,7 @@ def child(mode: str, args) -> dict:
         arguments = pipeline_arguments(config)
     latents = pipe(reference, poses, num_frames=args.frames, generator=torch.Generator().manual_seed(0),
                    output_type="latent", **arguments).frames
-    torch.save(latents.float().cpu(), Path(args.latents_dir) / f"{mode}.pt")
+    final = latents.float().cpu()  # (also waits for the device)
     sampled = time.perf_counter()
     checksum = 0
     if published:  # the whole video decoded into memory, then written
@@ -87,7 +107,7 @@ def child(mode: str, args) -> dict:
         free = free_memory(args.device)
         fits = decode_chunk_for(free[1] if device.type == "cuda" else free[0], width, height,
                                 torch.finfo(dtype).bits // 8)
-        chunk = min(DEFAULT_DECODE_CHUNK, fits)  # as `svd-animate` chooses it
+        chunk = 1 if getattr(args, "low_vram", False) else min(DEFAULT_DECODE_CHUNK, fits)  # as `svd-animate` does
         for frame in iter_decoded_frames(pipe.vae, latents, chunk):
             checksum += int(frame[0, 0, 0])
     if device.type == "cuda":
@@ -102,6 +122,15 @@ def child(mode: str, args) -> dict:
            "guided_steps": pipe.guided_steps}
     if device.type == "cuda":
         out["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return out, final
+
+
+def child(mode: str, args) -> dict:
+    import torch
+
+    pipe, dtype = make_pipeline(mode, args)
+    out, latents = run_video(pipe, mode, args, dtype)
+    torch.save(latents, Path(args.latents_dir) / f"{mode}.pt")
     return out
 
 
@@ -116,6 +145,11 @@ def main():
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--quick", action="store_true", help="64x64, 12 frames, windows 8/2, 25 steps (CPU)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
+                        help="every mode's models kept in CPU memory, as svd-animate --offload (default none)")
+    parser.add_argument("--low-vram", action="store_true", help="every mode as svd-animate --low-vram")
+    parser.add_argument("--compile", action="store_true", help="every mode's UNet compiled, as svd-animate --compile")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--latents-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,7 +165,9 @@ def main():
         for mode in modes:
             command = [sys.executable, __file__, "--child", mode, "--device", args.device, "--dtype", args.dtype,
                        "--size", args.size, "--frames", str(args.frames), "--window", str(args.window),
-                       "--overlap", str(args.overlap), "--steps", str(args.steps), "--latents-dir", latents_dir]
+                       "--overlap", str(args.overlap), "--steps", str(args.steps), "--latents-dir", latents_dir,
+                       "--offload", args.offload, "--compile-backend", args.compile_backend]
+            command += ["--low-vram"] * args.low_vram + ["--compile"] * args.compile
             done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
             if done.returncode:
                 sys.exit(f"{mode}: {done.stderr[-3000:]}")

@@ -78,18 +78,25 @@ def load_pipeline(config: AnimateConfig, weights: Path | None, device: str, dtyp
         pipe = load_published_pipeline(config, weights, dtype)
     if config.base_model == TINY and dtype != torch.float32:
         pipe.to(dtype=dtype)
-    place_pipeline(pipe, device, "model" if config.low_vram and config.offload == "none" else config.offload)
+    prepare_pipeline(pipe, device, config.offload, low_vram=config.low_vram, compile=config.compile)
+    return pipe
+
+
+def prepare_pipeline(pipe, device: str, offload: str = "none", *, low_vram: bool = False, compile: bool = False,
+                     compile_backend: str = "inductor") -> None:
+    """Place a built pipeline as a run asks: offload (`--low-vram` implies model offload when none is asked),
+    bounded attention, feed-forward chunking, compile. The one place this is decided (bench/e2e.py uses it too)."""
     from svd_controlnext.attention import apply_bounded_attention
 
+    place_pipeline(pipe, device, "model" if low_vram and offload == "none" else offload)
     for model in (pipe.unet, pipe.vae):  # CUDA: fused attention only; a call no fused kernel takes runs in pieces
         apply_bounded_attention(model)
-    if config.low_vram:
+    if low_vram:
         # One frame at a time through the feed-forward layers: their 4x-wide hidden states are the largest
         # activations of a full-size step (3.2 of its 7.9 GiB at 576x1024 fp16, bench/memory.py).
         pipe.unet.enable_forward_chunking()
-    if config.compile:
-        pipe.unet.compile()  # in place: the control hook is traced with it, no graph break
-    return pipe
+    if compile:
+        pipe.unet.compile(backend=compile_backend)  # in place: the control hook is traced with it, no graph break
 
 
 def load_published_pipeline(config: AnimateConfig, weights: Path | None, dtype: torch.dtype):
