@@ -1,10 +1,12 @@
 """The main job: reference image + driving video (or PoseSequence) -> animated video.
 
-Steps: reference framed to H x W (`framing.py`) and its pose detected -> driving poses (cache, alignment)
-mapped into the output frame -> skeleton frames -> pipeline (latents) -> streamed chunked decoding into
-the writer. The output keeps the driving clip's timing (source fps / stride) and the matching part of its
-audio track. `config.published_sampling` takes the published path at every step where it differs
-(README: differences from the published pipeline).
+An `Animator` holds what a run loads once (the pose detector, the pipeline) and makes `AnimationJob`s, each in
+named stages: check (no model), poses (the reference framed to H x W by `framing.py`, its pose detected, the driving
+poses from the cache or extracted and aligned), sample (skeleton frames -> latents), decode (chunk by chunk) and
+write (the video with the driving clip's timing, source fps / stride, and the matching part of its audio). The CLI,
+batch and the web page all drive these stages. Where the published path differs around the sampler, a `Recipe`
+chosen once per job (`recipe_for`: ours or `config.published_sampling`'s) says how (README: differences from the
+published pipeline).
 """
 
 from __future__ import annotations
@@ -25,21 +27,20 @@ from pose.align import VISIBLE
 from pose.cache import PoseCache
 from pose.detect import load_detector
 from pose.detect.base import PoseDetector
-from pose.extract import ExtractSettings, detect_reference, expected_count, extract_aligned
+from pose.extract import Extraction, ExtractSettings, detect_reference, expected_count, extract_aligned
 from pose.render import render_sequence
 from pose.skeleton import PoseSequence
-from svd_common.devices import check_device
 from svd_common.errors import InputError, ResourceError, SamplingError, UserError, WeightsError
 from svd_common.paths import check_input_file, check_not_input
 from svd_common.video import (AudioClip, VideoWriter, check_free_space, check_output_container, check_writable,
                               estimate_video_bytes, has_audio, is_image_path, probe_video, read_image)
 from svd_controlnext.decode import iter_decoded_frames
 from svd_controlnext.schedules import ays_sigmas, make_scheduler
-from svd_controlnext.windows import plan_windows
 
-from .config import LOAD_KEYS, OFFLOAD_MODES, TINY, AnimateConfig
+from .config import LOAD_KEYS, OFFLOAD_MODES, TINY, AnimateConfig, expand_shortcuts
 from .framing import crop_poses, crop_reference, crop_reference_published
 from .memory import DEFAULT_DECODE_CHUNK, check_frames_fit, decode_chunk_for, free_memory
+from .run import RunSettings
 
 logger = logging.getLogger(__name__)
 
@@ -180,16 +181,43 @@ class Reference:
     original_size: tuple[int, int]  # (width, height) of the file's image
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What differs between our path and the published one around the sampler (README: differences), chosen once
+    per job by `recipe_for` instead of branching on `published_sampling` at every step."""
+
+    name: str
+    plain_read: bool  # PIL's plain loader: no EXIF rotation, alpha dropped
+    frame_reference: Callable[[np.ndarray, int, int], np.ndarray]
+    pose_on_framed: bool  # the reference pose detected on the framed image, not the file's
+    fit_whole_video: bool  # the alignment fitted on every strided frame of the whole video, then the first kept
+    fit_threshold: float | None  # keypoints the fit uses: the confident ones, or (None) all
+    floor_fps: bool  # `run_controlnext.py`: `get_avg_fps() // sample_stride`
+    audio: bool
+    auto_detector: str  # what `--detector auto` means: the published weights learnt DWPose's skeletons
+
+    def frame_poses(self, poses: PoseSequence, width: int, height: int) -> PoseSequence:
+        return crop_poses(poses, width, height, published=self is PUBLISHED)
+
+
+OURS = Recipe("ours", plain_read=False, frame_reference=crop_reference, pose_on_framed=False, fit_whole_video=False,
+              fit_threshold=VISIBLE, floor_fps=False, audio=True, auto_detector="auto")
+# ControlNeXt-SVD-v2: `utils/pre_process.py` (framing, DWPose on the framed reference), `dwpose/preprocess.py`
+# `get_video_pose` (the fit over the whole video, every keypoint), `run_controlnext.py` (floored fps, no audio).
+PUBLISHED = Recipe("published", plain_read=True, frame_reference=crop_reference_published, pose_on_framed=True,
+                   fit_whole_video=True, fit_threshold=None, floor_fps=True, audio=False, auto_detector="dwpose")
+
+
+def recipe_for(config: AnimateConfig) -> Recipe:
+    return PUBLISHED if config.published_sampling else OURS
+
+
 def load_reference(path: Path, config: AnimateConfig, detector: Callable[[], PoseDetector] | None) -> Reference:
     """Read, frame and (when `detector` is given) detect the reference as `config` asks."""
-    published = config.published_sampling  # PIL's plain loader: no EXIF rotation, alpha dropped
-    original = read_image(path, orientation=not published, transparency=not published)
-    if published:
-        image = crop_reference_published(original, config.width, config.height)
-        seen = image
-    else:
-        image = crop_reference(original, config.width, config.height)
-        seen = original
+    recipe = recipe_for(config)
+    original = read_image(path, orientation=not recipe.plain_read, transparency=not recipe.plain_read)
+    image = recipe.frame_reference(original, config.width, config.height)
+    seen = image if recipe.pose_on_framed else original
     pose = detect_reference(path, detector(), seen)[0] if detector is not None else None
     return Reference(image, pose, (original.shape[1], original.shape[0]))
 
@@ -212,75 +240,100 @@ def stride_for_fps(source_fps: float, target_fps: float) -> int:
 
 def with_target_fps(config: AnimateConfig, pose_input: Path) -> AnimateConfig:
     """`fps` turned into this clip's stride (a 7.5 fps clip at `--fps 7.5` keeps every frame, where the
-    preset's stride 2 would make it 3.75 fps)."""
+    preset's stride 2 would make it 3.75 fps); `fps` is then cleared, so nothing turns it into a stride again."""
     if not config.fps:
         return config
     if is_pose_file(pose_input):
         logger.warning("%s: --fps applies to driving videos; a poses file keeps the frames it was made with",
                        pose_input)
-        return config
+        return dataclasses.replace(config, fps=None)
     source = probe_video(pose_input).fps
     stride = stride_for_fps(source, config.fps)
     if source < config.fps:
         logger.warning("%s: %.3g fps, slower than --fps %g: every frame is kept", pose_input, source, config.fps)
-    return config.replace(stride=stride)
+    return dataclasses.replace(config, stride=stride, fps=None)
 
 
-def reference_frame_poses(pose_input: Path, reference: Path, config: AnimateConfig,
+def job_config(config: AnimateConfig, pose_input: Path, **overrides) -> AnimateConfig:
+    """A job's config: the run's with the job's own values (None: not given), and `--fps` as this clip's stride.
+    The one place a job's settings are made (the Animator's jobs, batch's dry run)."""
+    refused = sorted(set(overrides) & set(LOAD_KEYS))
+    if refused:
+        raise InputError(f"{', '.join(refused)}: fixed for the whole run, not per job")
+    config = config.replace(**expand_shortcuts(overrides))
+    return with_target_fps(config, pose_input) if pose_input.is_file() else config  # (a missing one: `check`)
+
+
+def reference_frame_poses(pose_input: Path, reference: Path | None, config: AnimateConfig,
                           detector: Callable[[], PoseDetector], cache: PoseCache | None, progress: bool = True,
                           load: Callable[[Path, AnimateConfig, bool], Reference] | None = None,
                           on_frame: Callable[[int, int | None], None] | None = None,
-                          ) -> tuple[PoseSequence, Reference]:
-    """The driving poses aligned in the reference image's frame, what `svd-animate pose --ref` saves, and the
-    reference. `on_frame(done, expected)` is called after each extracted frame."""
+                          ) -> tuple[Extraction, Reference | None]:
+    """The driving poses aligned in the reference image's frame (what `svd-animate pose --ref` saves; without a
+    reference, in the video's own frame), and the reference. `on_frame(done, expected)` is called after each
+    extracted frame."""
     load = load or (lambda path, cfg, needs_pose: load_reference(path, cfg, detector if needs_pose else None))
     cap = driving_frames_cap(config)
     needs_pose = config.prepend_reference_pose or (config.align != "none" and not is_pose_file(pose_input))
-    ref = load(reference, config, needs_pose)
+    ref = load(reference, config, needs_pose) if reference is not None else None
     if is_pose_file(pose_input):
-        poses = PoseSequence.load(pose_input)
-        if poses.meta.get("align", {}).get("method") in (None, "none"):
-            logger.info("%s: poses are not aligned to a reference; used as they are", pose_input)
-        if config.prepend_reference_pose and (poses.width, poses.height) != ref.original_size:
-            raise InputError(NOT_ALIGNED)
-        made_with = poses.meta.get("stride")
-        if made_with is not None and made_with != config.stride:
-            logger.warning("%s: a poses file keeps the stride it was made with (%d); this run's stride %d applies "
-                           "to driving videos only", pose_input, made_with, config.stride)
-        if config.published_sampling:
-            logger.warning("%s: poses keep the alignment `svd-animate pose` gave them; the published fit "
-                           "(whole video, every keypoint) needs the driving video as --pose", pose_input)
-        return (poses.select(slice(0, cap)) if cap else poses), ref
-    return driving_poses(pose_input, ref, config, detector, cache, progress, on_frame), ref
+        return Extraction(poses_file(pose_input, ref, config, cap), from_cache=False, cache_path=None), ref
+    return driving_extraction(pose_input, ref, config, detector, cache, progress, on_frame), ref
+
+
+def poses_file(path: Path, ref: Reference | None, config: AnimateConfig, cap: int | None) -> PoseSequence:
+    """A saved PoseSequence as the driving poses, with what it cannot follow of this run's settings said."""
+    poses = PoseSequence.load(path)
+    if poses.meta.get("align", {}).get("method") in (None, "none"):
+        logger.info("%s: poses are not aligned to a reference; used as they are", path)
+    if config.prepend_reference_pose and ref is not None and (poses.width, poses.height) != ref.original_size:
+        raise InputError(NOT_ALIGNED)
+    made_with = poses.meta.get("stride")
+    if made_with is not None and made_with != config.stride:
+        logger.warning("%s: a poses file keeps the stride it was made with (%d); this run's stride %d applies "
+                       "to driving videos only", path, made_with, config.stride)
+    if recipe_for(config).fit_whole_video:
+        logger.warning("%s: poses keep the alignment `svd-animate pose` gave them; the published fit "
+                       "(whole video, every keypoint) needs the driving video as --pose", path)
+    return poses.select(slice(0, cap)) if cap else poses
 
 
 def output_frame_poses(poses: PoseSequence, ref: Reference, config: AnimateConfig) -> PoseSequence:
     """Reference-frame poses mapped into the output frame, the reference's pose first when asked."""
-    published = config.published_sampling
-    poses = crop_poses(poses, config.width, config.height, published)
+    recipe = recipe_for(config)
+    poses = recipe.frame_poses(poses, config.width, config.height)
     if config.prepend_reference_pose:
-        poses = prepend_pose(poses, crop_poses(ref.pose, config.width, config.height, published))
+        poses = prepend_pose(poses, recipe.frame_poses(ref.pose, config.width, config.height))
     return poses
 
 
 def extract_settings(config: AnimateConfig) -> ExtractSettings:
     """What is extracted from the driving video: the kept frames, or (published, to fit the alignment) every
     strided frame of the whole video."""
-    whole_video = config.published_sampling and config.align != "none"
-    return ExtractSettings(stride=config.stride, max_frames=None if whole_video else driving_frames_cap(config))
+    whole_video = recipe_for(config).fit_whole_video and config.align != "none"
+    return ExtractSettings(stride=config.stride, max_frames=None if whole_video else driving_frames_cap(config),
+                           start=config.start, end=config.end, fill=config.fill)
+
+
+def driving_extraction(video: Path, ref: Reference | None, config: AnimateConfig,
+                       detector: Callable[[], PoseDetector], cache: PoseCache | None, progress: bool,
+                       on_frame=None) -> Extraction:
+    """The driving poses in the reference pose's frame (and whether the cache had them). Ours fits the alignment
+    on the kept frames and confident keypoints; published fits every strided frame of the whole video and every
+    keypoint (`dwpose/preprocess.py`, `get_video_pose`: `max_frame_num` is computed there but never used), then
+    keeps the first frames."""
+    cap = driving_frames_cap(config)
+    method = config.align if ref is not None else "none"
+    extraction = extract_aligned(video, detector(), extract_settings(config), cache, ref.pose if ref else None,
+                                 method, ref.original_size if ref else None, recipe_for(config).fit_threshold,
+                                 progress, on_frame)
+    poses = extraction.poses
+    return dataclasses.replace(extraction, poses=poses.select(slice(0, cap)) if cap else poses)
 
 
 def driving_poses(video: Path, ref: Reference, config: AnimateConfig, detector: Callable[[], PoseDetector],
                   cache: PoseCache | None, progress: bool, on_frame=None) -> PoseSequence:
-    """The driving poses in the reference pose's frame. Ours fits the alignment on the kept frames and
-    confident keypoints; published fits every strided frame of the whole video and every keypoint
-    (`dwpose/preprocess.py`, `get_video_pose`: `max_frame_num` is computed there but never used), then
-    keeps the first frames."""
-    cap = driving_frames_cap(config)
-    poses = extract_aligned(video, detector(), extract_settings(config), cache, ref.pose, config.align,
-                            ref.original_size, None if config.published_sampling else VISIBLE, progress,
-                            on_frame).poses
-    return poses.select(slice(0, cap)) if cap else poses
+    return driving_extraction(video, ref, config, detector, cache, progress, on_frame).poses
 
 
 def prepend_pose(poses: PoseSequence, ref_pose: PoseSequence) -> PoseSequence:
@@ -297,7 +350,7 @@ def prepend_pose(poses: PoseSequence, ref_pose: PoseSequence) -> PoseSequence:
 def output_fps(poses: PoseSequence, config: AnimateConfig) -> float:
     """Source fps / stride; published floors it (`run_controlnext.py`: `get_avg_fps() // sample_stride`)."""
     source_fps, stride = poses.meta.get("source_fps"), poses.meta.get("stride", 1)
-    if config.published_sampling and source_fps and source_fps >= stride:  # (the published code writes 0 fps)
+    if recipe_for(config).floor_fps and source_fps and source_fps >= stride:  # (the published code writes 0 fps)
         return float(source_fps // stride)
     return poses.fps
 
@@ -334,32 +387,40 @@ def audio_for(pose_input: Path, poses: PoseSequence) -> AudioClip | None:
 
 
 def detector_name(config: AnimateConfig) -> str:
-    """The backend a run asks `load_detector` for: under --published-sampling `auto` means DWPose (the
-    skeletons the published weights learnt from), MediaPipe only when named."""
-    return "dwpose" if config.published_sampling and config.detector == "auto" else config.detector
+    """The backend a run asks `load_detector` for (under --published-sampling `auto` means DWPose, MediaPipe only
+    when named)."""
+    return recipe_for(config).auto_detector if config.detector == "auto" else config.detector
+
+
+def saved_poses(poses: PoseSequence, reference: Path | None, config: AnimateConfig) -> PoseSequence:
+    """The poses with the metadata `svd-animate pose` writes, so the file works as `--pose` later."""
+    method = config.align if reference is not None else "none"
+    return poses.replace(meta={**poses.meta, "reference": reference.name if reference is not None else None,
+                               "align": poses.meta.get("align", {"method": method})})
 
 
 class Animator:
-    """Loads the pose detector and the pipeline once (each on first use) and animates any number of
-    (reference, driving poses) pairs with them; `__call__` takes per-job overrides of the config."""
+    """Loads the pose detector and the pipeline once (each on first use) and makes any number of jobs with them
+    (`job`, or `__call__` for a whole one); a job takes per-job overrides of the config."""
 
-    def __init__(self, config: AnimateConfig, weights=None, device: str = "cpu", cache: PoseCache | None = None,
-                 dwpose_dir=None, progress: bool = True):
+    def __init__(self, config: AnimateConfig, run: RunSettings | None = None):
         self.config = config
-        self.weights = Path(weights) if weights else None
-        self.device = check_device(device)
+        self.run = run or RunSettings()
+        self.device = self.run.resolved_device()
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.dtype == torch.float16 and torch.device(self.device).type == "cpu":
             logger.warning("--dtype fp16 on the CPU: slow, and some operations may not support it (fp32 is the CPU's "
                            "default)")
-        self.cache = cache
-        self.dwpose_dir = dwpose_dir
-        self.progress = progress
+        self.cache = self.run.pose_cache()
         self._pipe = None
         self._weights_checked = False
         self._detector = None
         self._references: dict[tuple, Reference] = {}
         self._resources = contextlib.ExitStack()
+
+    @property
+    def progress(self) -> bool:
+        return self.run.progress
 
     def detector(self) -> PoseDetector:
         """The configured pose detector. The published skeletons come from DWPose and MediaPipe's differ
@@ -367,19 +428,19 @@ class Animator:
         if self._detector is None:
             name = detector_name(self.config)
             try:
-                detector = load_detector(name, dwpose_dir=self.dwpose_dir)
+                detector = load_detector(name, dwpose_dir=self.run.dwpose_dir)
             except UserError as e:
                 if name == self.config.detector:
                     raise
                 raise WeightsError(f"--published-sampling needs DWPose, the detector the published weights were "
-                                 f"trained with ({e}); or pass --detector mediapipe to accept other skeletons"
-                                 ) from None
+                                   f"trained with ({e}); or pass --detector mediapipe to accept other skeletons"
+                                   ) from None
             self._detector = self._resources.enter_context(detector)
         return self._detector
 
     def reference(self, path: Path, config: AnimateConfig, needs_pose: bool) -> Reference:
         """The framed reference (and its pose), made once per file version and framing for all jobs."""
-        key = (path.resolve(), path.stat().st_mtime_ns, config.width, config.height, config.published_sampling,
+        key = (path.resolve(), path.stat().st_mtime_ns, config.width, config.height, recipe_for(config).name,
                needs_pose)
         if key not in self._references:
             detector = self.detector if needs_pose else None
@@ -388,7 +449,7 @@ class Animator:
 
     def pipeline(self):
         if self._pipe is None:
-            self._pipe = load_pipeline(self.config, self.weights, self.device, self.dtype)
+            self._pipe = load_pipeline(self.config, self.run.weights, self.device, self.dtype)
             self._svd_scheduler = self._pipe.scheduler.config
             self._pipe.set_progress_bar_config(desc="sampling (steps x windows)", leave=False,
                                                disable=not self.progress)
@@ -401,7 +462,7 @@ class Animator:
             from svd_controlnext.weights import check_weights_available
 
             try:
-                check_weights_available(self.config.base_model, *weight_sources(self.config, self.weights))
+                check_weights_available(self.config.base_model, *weight_sources(self.config, self.run.weights))
             except WeightsError as e:
                 raise WeightsError(f"{e}; without weights, try --preset tiny") from None
             self._weights_checked = True
@@ -417,14 +478,26 @@ class Animator:
             self._references.clear()
         self.config = config
 
+    def job(self, reference, pose_input, output=None, side_by_side: bool = False,
+            on_progress: Callable[[str, int, int | None], None] | None = None, **overrides) -> "AnimationJob":
+        """One job with this run's models and `overrides` (None: not given) over the run's config. Without an
+        `output` it can only make poses (the `pose` command, the page's step 1)."""
+        pose_input = Path(pose_input)
+        config = job_config(self.config, pose_input, **overrides)
+        return AnimationJob(self, reference, pose_input, output, config, side_by_side, on_progress)
+
     def poses(self, reference, pose_input, on_frame=None) -> tuple[PoseSequence, Reference]:
         """The driving poses aligned to `reference` in its own frame, and the reference, as the next job will
         use them (the pose cache makes the extraction once per clip and settings)."""
-        reference, pose_input = Path(reference), Path(pose_input)
-        check_inputs(reference, pose_input)
-        config = with_target_fps(self.config, pose_input)
-        return reference_frame_poses(pose_input, reference, config, self.detector, self.cache, self.progress,
-                                     self.reference, on_frame)
+        job = self.job(reference, pose_input, on_progress=on_frame and (lambda stage, done, total:
+                                                                         on_frame(done, total)))
+        job.check()
+        return job.poses(), job.ref
+
+    def __call__(self, reference, pose_input, output, side_by_side: bool = False,
+                 on_progress: Callable[[str, int, int | None], None] | None = None, **overrides) -> AnimateResult:
+        """One whole job (`AnimationJob.run`)."""
+        return self.job(reference, pose_input, output, side_by_side, on_progress, **overrides).run()
 
     def close(self) -> None:
         self._resources.close()
@@ -453,82 +526,130 @@ class Animator:
                            DEFAULT_DECODE_CHUNK, fits)
         return min(fits, DEFAULT_DECODE_CHUNK)
 
-    def check(self, reference, pose_input, output, config: AnimateConfig, side_by_side: bool = False) -> None:
-        """Every check that needs no model: files, size, and whether the video's length fits in memory."""
-        check_not_input(output, {"--ref": reference, "--pose": pose_input})
-        check_output_container(output)
-        check_writable(output)
-        check_inputs(reference, pose_input)
+
+class AnimationJob:
+    """One job in named stages, run in this order by `run`: `check` (no model: files, size, memory, disk), `poses`
+    (the driving poses aligned to the reference), `sample` (the latents), `decode` (frames, chunk by chunk) and
+    `write` (the video, whole or not at all). Every front end (the CLI, batch, the web page) makes its jobs with
+    `Animator.job` and runs the stages it needs. `on_progress(stage, done, total)` is called after each extracted
+    frame ("poses"), sampling step ("sampling") and decoded frame ("decoding"); it may raise to stop the job, which
+    then writes nothing."""
+
+    def __init__(self, animator: Animator, reference, pose_input: Path, output, config: AnimateConfig,
+                 side_by_side: bool = False, on_progress: Callable[[str, int, int | None], None] | None = None):
+        self.animator = animator
+        self.reference = Path(reference) if reference is not None else None
+        self.pose_input = Path(pose_input)
+        self.output = Path(output) if output is not None else None
+        self.config = config
+        self.recipe = recipe_for(config)
+        self.side_by_side = side_by_side
+        self.report = on_progress or (lambda stage, done, total: None)
+        self.extraction: Extraction | None = None  # set by `poses`
+        self.ref: Reference | None = None
+        self.seed: int | None = None  # set by `sample`
+
+    def check(self) -> None:
+        """Every check that needs no model: files, size, and whether the video's length fits in memory and on disk."""
+        config, output = self.config, self.output
+        if output is not None:
+            check_not_input(output, {"--ref": self.reference, "--pose": self.pose_input})
+            check_output_container(output)
+            check_writable(output)
+        for path in (self.reference, self.pose_input):
+            if path is not None:
+                check_input_file(path)
+        if is_image_path(self.pose_input):
+            raise InputError(f"{self.pose_input}: is an image; --pose takes a driving video or a poses .npz")
+        if output is None:
+            return
         if config.width % 64 or config.height % 64:
             raise InputError(f"--width/--height must be multiples of 64 (the UNet's latent grid), "
                              f"got {config.width}x{config.height}")
-        expected = expected_frames(pose_input, config)
+        expected = expected_frames(self.pose_input, config)
         if expected:  # a video too long for this machine, or its disk, is refused before any pose is extracted
-            check_frames_fit(expected, config.width, config.height, self.dtype, self.device, side_by_side)
-            check_free_space(output, video_bytes(output, expected, config, side_by_side))
+            self.check_fits(expected)
 
-    def __call__(self, reference, pose_input, output, side_by_side: bool = False,
-                 on_progress: Callable[[str, int, int | None], None] | None = None, **overrides) -> AnimateResult:
-        """One job. `on_progress(stage, done, total)` is called after each extracted frame ("poses"), sampling step
-        ("sampling", counted in steps x windows) and decoded frame ("decoding"); it may raise to stop the job, which
-        then writes nothing."""
-        refused = sorted(set(overrides) & set(LOAD_KEYS))
-        if refused:
-            raise InputError(f"{', '.join(refused)}: fixed for the whole run, not per job")
-        reference, pose_input, output = Path(reference), Path(pose_input), Path(output)
-        config = self.config.replace(**overrides)
-        if pose_input.is_file():  # (a missing one is named by check)
-            config = with_target_fps(config, pose_input)
-        self.check(reference, pose_input, output, config, side_by_side)
-        width, height = config.width, config.height
+    def check_fits(self, frames: int) -> None:
+        animator, config = self.animator, self.config
+        check_frames_fit(frames, config.width, config.height, animator.dtype, animator.device, self.side_by_side)
+        check_free_space(self.output, self.video_bytes(frames))
 
-        report = on_progress or (lambda stage, done, total: None)
-        self.check_weights()
-        aligned, ref = reference_frame_poses(pose_input, reference, config, self.detector, self.cache, self.progress,
-                                             self.reference, lambda done, total: report("poses", done, total))
-        poses, reference_image = output_frame_poses(aligned, ref, config), ref.image
-        check_frames_fit(len(poses), width, height, self.dtype, self.device, side_by_side)
-        needed = video_bytes(output, len(poses), config, side_by_side)
-        check_free_space(output, needed)  # now that the length is known (a poses file does not say it before)
-        pose_frames = render_frames(poses, height, width)
-        fps = output_fps(poses, config)
-        audio = None
-        if config.audio and config.published_sampling:
-            logger.info("--published-sampling: no audio (its floored fps would drift from the clip's sound)")
-        elif config.audio:
-            audio = audio_for(pose_input, poses)
+    def video_bytes(self, frames: int) -> int:
+        """A generous estimate of the output file's size (the skeleton beside the result doubles the width)."""
+        width = self.config.width * (2 if self.side_by_side else 1)
+        return estimate_video_bytes(frames, width, self.config.height, self.output.suffix)
 
-        pipe = self.pipeline()
-        use_scheduler(pipe, config.scheduler, self._svd_scheduler)
-        seed = config.seed if config.seed >= 0 else secrets.randbelow(2**31)  # -1: a new one, reported
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        windows = len(plan_windows(len(pose_frames), config.window or len(pose_frames), config.overlap))
+    def poses(self) -> PoseSequence:
+        """The driving poses aligned in the reference image's frame (what `svd-animate pose` saves)."""
+        animator = self.animator
+        if self.output is not None:
+            animator.check_weights()  # seconds now, where loading would fail only after the extraction
+        self.extraction, self.ref = reference_frame_poses(
+            self.pose_input, self.reference, self.config, animator.detector, animator.cache, animator.progress,
+            animator.reference, lambda done, total: self.report("poses", done, total))
+        return self.extraction.poses
 
-        def each_step(pipe, step, timestep, tensors):  # counted in steps x windows, as the CLI's bar counts
-            check_finite(tensors["latents"], step + 1, config, self.dtype)
-            report("sampling", (step + 1) * windows, config.steps * windows)
+    def sample(self) -> torch.Tensor:
+        """The final latents of the skeleton frames (the reference's pose first when the recipe asks)."""
+        config, animator = self.config, self.animator
+        poses = output_frame_poses(self.extraction.poses, self.ref, config)
+        self.check_fits(len(poses))  # now that the length is known (a poses file does not say it before)
+        self.output_poses = poses
+        self.pose_frames = render_frames(poses, config.height, config.width)
+        pipe = animator.pipeline()
+        use_scheduler(pipe, config.scheduler, animator._svd_scheduler)
+        self.seed = config.seed if config.seed >= 0 else secrets.randbelow(2**31)  # -1: a new one, reported
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+
+        def each_step(pipe, step, timestep, tensors):
+            check_finite(tensors["latents"], step + 1, config, animator.dtype)
+            self.report("sampling", step + 1, config.steps)
             return tensors
 
+        with self.out_of_memory_hint():
+            latents = pipe(Image.fromarray(self.ref.image), self.pose_frames, generator=generator,
+                           output_type="latent", callback_on_step_end=each_step, **pipeline_arguments(config)).frames
+        check_finite(latents, config.steps, config, animator.dtype)  # whatever the cause: never into a video file
+        return latents
+
+    def decode(self, latents: torch.Tensor):
+        """The video's frames (uint8, H x W x 3), decoded a chunk at a time, the skeleton beside when asked."""
+        animator = self.animator
+        with self.out_of_memory_hint():
+            decoded = iter_decoded_frames(animator.pipeline().vae, latents, animator.decode_chunk(self.config),
+                                          animator.progress)
+            for index, frame in enumerate(decoded):
+                yield np.concatenate([self.pose_frames[index], frame], axis=1) if self.side_by_side else frame
+                self.report("decoding", index + 1, len(self.pose_frames))
+
+    def write(self, frames) -> AnimateResult:
+        """`frames` into the output video with the driving clip's audio (whole or not at all)."""
+        poses, config = self.output_poses, self.config
+        fps = output_fps(poses, config)
+        audio = audio_for(self.pose_input, poses) if config.audio and self.recipe.audio else None
+        if config.audio and not self.recipe.audio:
+            logger.info("--published-sampling: no audio (its floored fps would drift from the clip's sound)")
+        with VideoWriter(self.output, fps=fps, audio=audio, expected_bytes=self.video_bytes(len(poses))) as writer:
+            for frame in frames:
+                writer.write(frame)
+            audio = writer.audio  # (a .gif has none)
+        return AnimateResult(self.output, len(poses), fps, self.seed, audio is not None, self.extraction.poses)
+
+    def run(self) -> AnimateResult:
+        self.check()
+        self.poses()
+        return self.write(self.decode(self.sample()))
+
+    @contextlib.contextmanager
+    def out_of_memory_hint(self):
         try:
-            latents = pipe(Image.fromarray(reference_image), pose_frames, generator=generator, output_type="latent",
-                           callback_on_step_end=each_step, **pipeline_arguments(config)).frames
-            check_finite(latents, config.steps, config, self.dtype)  # whatever the cause: never into a video file
-            with VideoWriter(output, fps=fps, audio=audio, expected_bytes=needed) as writer:
-                audio = writer.audio  # (a .gif has none)
-                decoded = iter_decoded_frames(pipe.vae, latents, self.decode_chunk(config), self.progress)
-                for index, frame in enumerate(decoded):
-                    writer.write(np.concatenate([pose_frames[index], frame], axis=1) if side_by_side else frame)
-                    report("decoding", index + 1, len(pose_frames))
+            yield
         except torch.cuda.OutOfMemoryError:
-            raise ResourceError(f"out of memory on {self.device} at {width}x{height} with windows of {config.window} "
-                                "frames: try --offload model, a smaller --window, --height/--width or --dtype fp16"
-                                ) from None
-        return AnimateResult(output, len(pose_frames), fps, seed, audio is not None, aligned)
-
-
-def video_bytes(output: Path, frames: int, config: AnimateConfig, side_by_side: bool) -> int:
-    """A generous estimate of the output file's size (the skeleton beside the result doubles the width)."""
-    return estimate_video_bytes(frames, config.width * (2 if side_by_side else 1), config.height, output.suffix)
+            config = self.config
+            raise ResourceError(f"out of memory on {self.animator.device} at {config.width}x{config.height} with "
+                                f"windows of {config.window} frames: try --offload model, a smaller --window, "
+                                "--height/--width or --dtype fp16") from None
 
 
 def check_finite(latents: torch.Tensor, step: int, config: AnimateConfig, dtype: torch.dtype) -> None:
@@ -539,14 +660,6 @@ def check_finite(latents: torch.Tensor, step: int, config: AnimateConfig, dtype:
     raise SamplingError(f"sampling gave NaN or infinite values at step {step} of {config.steps} (control scale "
                         f"{config.control_scale:g}, guidance {config.min_guidance:g}-{config.max_guidance:g}): try "
                         f"{hint}a smaller --control-scale or --guidance; nothing was written")
-
-
-def check_inputs(reference: Path, pose_input: Path) -> None:
-    """Both input files exist, and the driving input is not an image."""
-    for path in (reference, pose_input):
-        check_input_file(path)
-    if is_image_path(pose_input):
-        raise InputError(f"{pose_input}: is an image; --pose takes a driving video or a poses .npz")
 
 
 def pipeline_arguments(config: AnimateConfig) -> dict:
@@ -571,9 +684,8 @@ def use_scheduler(pipe, name: str, svd_config) -> None:
     pipe.scheduler = make_scheduler(name, svd_config)
 
 
-def animate(reference, pose_input, output, config: AnimateConfig, weights=None, device: str = "cpu",
-            side_by_side: bool = False, cache: PoseCache | None = None, dwpose_dir=None,
-            progress: bool = True) -> AnimateResult:
+def animate(reference, pose_input, output, config: AnimateConfig, run: RunSettings | None = None,
+            side_by_side: bool = False) -> AnimateResult:
     """One animation: `svd-animate --ref ... --pose ...`."""
-    with Animator(config, weights, device, cache, dwpose_dir, progress) as animator:
+    with Animator(config, run) as animator:
         return animator(reference, pose_input, output, side_by_side)

@@ -31,6 +31,7 @@ from svd_common.paths import file_keys
 from svd_common.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES, check_output_container, probe_video, read_image
 
 from .config import AnimateConfig, expand_shortcuts, parse_value, per_job_fields
+from .run import RunSettings
 
 logger = logging.getLogger(__name__)
 
@@ -46,21 +47,12 @@ MANIFEST_COLUMNS = {"ref", "pose", "output", *JOB_OPTIONS}
 
 @dataclasses.dataclass(frozen=True)
 class BatchOptions:
-    """How a batch runs, beyond the generation config (what `svd-animate batch` takes as flags)."""
+    """How a batch runs, beyond the generation config (what `svd-animate batch` takes as flags): where, with which
+    run settings (a device of None: this process's GPU when there is one, else the CPU), redo or skip, how written."""
     outdir: Path
-    weights: Path | None = None
-    device: str | None = None  # None: this process's GPU when there is one, else the CPU
-    cache_dir: Path | None = None  # the pose cache (None: the default folder)
-    use_cache: bool = True
-    dwpose_dir: Path | None = None
+    run: RunSettings = RunSettings()
     overwrite: bool = False
     side_by_side: bool = False
-    progress: bool = True
-
-    def pose_cache(self):
-        from pose.cache import PoseCache
-
-        return PoseCache(self.cache_dir) if self.use_cache else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +174,7 @@ def jobs_from_manifest(path, outdir: Path, config: AnimateConfig | None = None) 
                     problems.append(f"{where}: {key} must be {e}, got {row[key]!r}")
         if config is not None:
             try:
-                config.replace(**expand_shortcuts(overrides))
+                config.with_given(**expand_shortcuts(overrides))
             except InputError as e:
                 problems.append(f"{where}: {e}")
         output = Path(outdir) / str(row.get("output") or default_output(files["ref"], files["pose"]))
@@ -356,21 +348,17 @@ def prepare_outdir(outdir: Path) -> Path:
     return outdir
 
 
-def job_overrides(job: Job) -> dict:
-    return expand_shortcuts(dict(job.overrides))
-
-
 def pose_cache_state(job: Job, config, cache, detector) -> str:
     """'cached', 'to extract', or 'npz' (no extraction) for a job's driving clip."""
     from pose.extract import extraction_key
 
-    from .animate import extract_settings, with_target_fps
+    from .animate import extract_settings, job_config
 
     if job.pose.suffix.lower() == ".npz":
         return "npz"
     if cache is None:
         return "to extract"
-    config = with_target_fps(config.replace(**job_overrides(job)), job.pose)
+    config = job_config(config, job.pose, **dict(job.overrides))
     key = extraction_key(job.pose, detector, extract_settings(config))
     return "cached" if cache.path(key).is_file() else "to extract"
 
@@ -380,10 +368,10 @@ def dry_run_listing(jobs: list[Job], config, options: BatchOptions, unreadable: 
 
     from .animate import detector_name
 
-    cache = options.pose_cache()
+    cache = options.run.pose_cache()
     lines = []
     counts = {"run": 0, "skip": 0, "fail": 0}
-    with load_detector(detector_name(config), dwpose_dir=options.dwpose_dir) as detector:
+    with load_detector(detector_name(config), dwpose_dir=options.run.dwpose_dir) as detector:
         for job in jobs:
             if job.ref in unreadable or job.pose in unreadable:
                 action = "fail"
@@ -408,20 +396,19 @@ def run_batch_process(jobs: list[Job], config, options: BatchOptions, unreadable
     from .animate import Animator
 
     started = time.perf_counter()
-    state = PartialState(cpu=not torch.cuda.is_available() or (options.device or "").startswith("cpu"))
+    state = PartialState(cpu=not torch.cuda.is_available() or (options.run.device or "").startswith("cpu"))
     outdir = Path(options.outdir)
     if state.is_main_process:
         for leftover in remove_leftovers(outdir):
             logger.info("%s: removed (left by an interrupted run)", leftover)
     state.wait_for_everyone()
     share = split_jobs(jobs, state.num_processes)[state.process_index]
-    device = options.device or (str(state.device) if state.device.type == "cuda" else "cpu")
-    with Animator(config, options.weights, device, options.pose_cache(), options.dwpose_dir,
-                  options.progress) as animator:
+    device = options.run.device or (str(state.device) if state.device.type == "cuda" else "cpu")
+    with Animator(config, dataclasses.replace(options.run, device=device)) as animator:
         def run_one(job: Job) -> int:
-            return animator(job.ref, job.pose, job.output, options.side_by_side, **job_overrides(job)).frames
+            return animator(job.ref, job.pose, job.output, options.side_by_side, **dict(job.overrides)).frames
 
-        records = run_jobs(share, run_one, options.overwrite, unreadable, state.process_index, options.progress)
+        records = run_jobs(share, run_one, options.overwrite, unreadable, state.process_index, options.run.progress)
     write_json(part_report(outdir, state.process_index, state.num_processes),
                [dataclasses.asdict(record) for record in records])
     state.wait_for_everyone()

@@ -15,7 +15,8 @@ import threading
 import warnings
 from pathlib import Path
 
-from svd_animate.options import add_generation_options
+from svd_animate.options import (add_generation_options, add_options, convert_options, pose_options, positive_int,
+                                  prepare_data_options, train_options, train_config_fields)
 from svd_common.errors import InputError, Terminated, UserError
 
 logger = logging.getLogger("svd_animate")
@@ -23,71 +24,30 @@ logger = logging.getLogger("svd_animate")
 PROG = "svd-animate"
 
 
-def _number(kind, text: str):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a{'n integer' if kind is int else ' number'}, got {text!r}"
-                                         ) from None
-
-
-def _positive_int(text: str) -> int:
-    value = _number(int, text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = _number(float, text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
-def add_pose_source_options(p, align_default: str | None) -> None:
-    """Options shared by every command that extracts poses: backend, alignment (unless `align_default` is
-    None), cache (defined in svd_animate/options.py)."""
-    from svd_animate.options import pose_source_options
-
-    for option in pose_source_options(align_default):
-        option.add_to(p)
+_positive_int = positive_int  # (the ui command's --port)
 
 
 def add_pose_parser(subparsers) -> None:
-    from pose.extract import FILL_MODES, ExtractSettings
-
-    defaults = ExtractSettings()
-
     p = subparsers.add_parser(
         "pose", help="extract (and align) the driving skeletons of a video",
         description="Extract the driving person's whole-body pose from every kept frame of a video, "
                     "optionally retarget it to the person in a reference image, and save a PoseSequence "
-                    ".npz (input of `svd-animate --pose`). Poses are cached by the video's content.",
+                    ".npz (input of `svd-animate --pose`): the poses `svd-animate` would use with the same settings. "
+                    "Poses are cached by the video's content.",
     )
-    p.add_argument("--video", required=True, type=Path, help="driving video (mp4, mov, webm, ...)")
-    p.add_argument("--ref", type=Path, help="reference image to align the poses to")
-    add_pose_source_options(p, align_default="ls with --ref, none without")
-    p.add_argument("--stride", type=_positive_int, default=defaults.stride,
-                   help=f"keep every N-th frame (default {defaults.stride})")
-    p.add_argument("--max-frames", type=_positive_int, default=defaults.max_frames, help="stop after N kept frames")
-    p.add_argument("--start", type=_seconds, default=defaults.start, help="start time in seconds")
-    p.add_argument("--end", type=_seconds, default=defaults.end, help="end time in seconds")
-    p.add_argument("--fill", choices=FILL_MODES, default=defaults.fill,
-                   help=f"frames with nobody found: interpolate between neighbours or hold the last pose "
-                        f"(default {defaults.fill})")
-    p.add_argument("-o", "--output", required=True, type=Path, help="output .npz")
-    p.add_argument("--preview", type=Path, help="also write a preview video: source | skeleton (| on the reference)")
+    add_options(p, pose_options())
     p.set_defaults(run=run_pose)
 
 
 def run_pose(args) -> int:
-    from pose.cache import PoseCache
-    from pose.detect import load_detector
-    from pose.extract import ExtractSettings, detect_reference, extract_aligned
+    """The poses stage of an animation job, saved (and previewed): the same code path as `svd-animate`'s."""
     from pose.preview import write_preview
-    from svd_common.paths import check_input_file, check_not_input
-    from svd_common.video import check_output_container, check_writable, is_image_path, probe_video, read_image
+    from svd_animate.animate import Animator, extract_settings, saved_poses
+    from svd_animate.config import AnimateConfig
+    from svd_animate.options import POSE_STRIDE
+    from svd_animate.run import RunSettings
+    from svd_common.paths import check_not_input
+    from svd_common.video import check_output_container, check_writable, is_image_path, read_image
 
     if is_image_path(args.video):
         raise InputError(f"{args.video}: is an image; --video takes a driving video")
@@ -99,39 +59,27 @@ def run_pose(args) -> int:
                          f"(--preview takes the video)")
     if args.preview:
         check_not_input(args.preview, {**inputs, "-o": args.output}, "the preview")
-    method = args.align or ("ls" if args.ref else "none")
-    if method != "none" and args.ref is None:
-        raise InputError(f"--align {method} needs --ref (the image to align to)")
-    if args.end is not None and args.end <= args.start:
-        raise InputError(f"--end ({args.end}s) must come after --start ({args.start}s)")
+    if args.align not in (None, "none") and args.ref is None:
+        raise InputError(f"--align {args.align} needs --ref (the image to align to)")
+    given = {option.name: getattr(args, option.name) for option in pose_options()}
+    config = AnimateConfig(stride=POSE_STRIDE, align="ls" if args.ref else "none").with_given(
+        **{name: value for name, value in given.items() if name in AnimateConfig.__dataclass_fields__})
     if args.preview:
         check_output_container(args.preview)
         check_writable(args.preview)
-    if args.ref is not None:
-        check_input_file(args.ref)
-    probe_video(args.video)  # a bad video fails here, before any model loads
-
-    settings = ExtractSettings(args.stride, args.max_frames, args.start, args.end, args.fill)
-    cache = None if args.no_cache else PoseCache(args.cache_dir)
-    with load_detector(args.detector or "auto", dwpose_dir=args.dwpose_dir) as detector:
-        reference, reference_image = None, None
-        if args.ref is not None and method != "none":
-            reference, reference_image = detect_reference(args.ref, detector)
-        elif args.ref is not None:
-            reference_image = read_image(args.ref)
-        size = (reference_image.shape[1], reference_image.shape[0]) if reference_image is not None else None
-        result = extract_aligned(args.video, detector, settings, cache, reference, method, size,
-                                 progress=not args.quiet)
-    poses = result.poses
-    poses.meta = {**poses.meta, "reference": args.ref.name if args.ref else None, "align": poses.meta.get(
-        "align", {"method": method})}
+    with Animator(config, RunSettings.from_values(vars(args))) as animator:
+        job = animator.job(args.ref, args.video)
+        job.check()
+        poses = saved_poses(job.poses(), args.ref, config)
     poses.save(args.output)
     if args.preview:
-        write_preview(args.preview, args.video, poses, settings, reference_image, progress=not args.quiet)
+        reference_image = read_image(args.ref) if args.ref is not None else None
+        write_preview(args.preview, args.video, poses, extract_settings(job.config), reference_image,
+                      progress=not args.quiet)
 
-    source = "cache" if result.from_cache else poses.meta.get("detector")
+    source = "cache" if job.extraction.from_cache else poses.meta.get("detector")
     filled = f", {poses.num_filled} filled (no person found)" if poses.num_filled else ""
-    print(f"{args.output}: {len(poses)} frames at {poses.fps:g} fps from {source}{filled}, align {method}")
+    print(f"{args.output}: {len(poses)} frames at {poses.fps:g} fps from {source}{filled}, align {config.align}")
     if args.preview:
         print(f"{args.preview}: preview")
     return 0
@@ -164,17 +112,14 @@ def add_animate_parser(subparsers) -> None:
 
 
 def run_animate(args) -> int:
-    from pose.cache import PoseCache
     from svd_animate.animate import animate
-    from svd_common.devices import check_device
+    from svd_animate.run import RunSettings
 
     config = config_from_args(args)
     output = args.output or Path(f"{args.pose.stem}_{args.ref.stem}.mp4")
-    device = check_device(args.device)
-    cache = None if args.no_cache else PoseCache(args.cache_dir)
-    result = animate(args.ref, args.pose, output, config, weights=args.weights, device=device,
-                     side_by_side=bool(args.side_by_side), cache=cache, dwpose_dir=args.dwpose_dir,
-                     progress=not args.quiet)
+    run = RunSettings.from_values(vars(args))
+    run.resolved_device()  # a bad --device: one line before anything else
+    result = animate(args.ref, args.pose, output, config, run, side_by_side=bool(args.side_by_side))
     audio = ", with the driving clip's audio" if result.audio else ""
     seed = f", seed {result.seed}" if config.seed < 0 else ""
     print(f"{result.output}: {result.frames} frames at {result.fps:g} fps{audio}{seed}{random_weights_label(config)}")
@@ -211,6 +156,7 @@ def run_batch(args) -> int:
     import os
 
     from svd_animate import batch
+    from svd_animate.run import RunSettings
     from svd_common.devices import check_device
 
     if (args.jobs is None) == (args.refs is None and args.poses is None):
@@ -234,8 +180,7 @@ def run_batch(args) -> int:
     unreadable = batch.unreadable_inputs(jobs)
     for path, reason in unreadable.items():
         logger.warning("%s (its jobs will be recorded as failed)", reason)
-    options = batch.BatchOptions(outdir, args.weights, args.device, args.cache_dir, not args.no_cache,
-                                 args.dwpose_dir, args.overwrite, bool(args.side_by_side), progress=not args.quiet)
+    options = batch.BatchOptions(outdir, RunSettings.from_values(vars(args)), args.overwrite, bool(args.side_by_side))
     if args.dry_run:
         print(batch.dry_run_listing(jobs, config, options, unreadable))
         return 0
@@ -249,22 +194,19 @@ def add_prepare_data_parser(subparsers) -> None:
                     "DATASET/dataset.json, the input of `svd-animate train --data DATASET`. Nothing is rendered: "
                     "skeletons are drawn on the fly at the training size. Clips that fail are listed and skipped.",
     )
-    p.add_argument("--videos", required=True, type=Path, help="folder of training videos")
-    p.add_argument("-o", "--output", required=True, type=Path, help="dataset folder")
-    p.add_argument("--max-frames", type=_positive_int, help="keep at most N frames of each clip")
-    add_pose_source_options(p, align_default=None)
+    add_options(p, prepare_data_options())
     p.set_defaults(run=run_prepare_data)
 
 
 def run_prepare_data(args) -> int:
-    from pose.cache import PoseCache
     from pose.detect import load_detector
+    from svd_animate.run import RunSettings
     from svd_animate.train.data import prepare_dataset
 
-    cache = None if args.no_cache else PoseCache(args.cache_dir)
-    with load_detector(args.detector or "auto", dwpose_dir=args.dwpose_dir) as detector:
-        manifest = prepare_dataset(args.videos, args.output, detector, cache, args.max_frames,
-                                   progress=not args.quiet)
+    run = RunSettings.from_values(vars(args))
+    with load_detector(args.detector or "auto", dwpose_dir=run.dwpose_dir) as detector:
+        manifest = prepare_dataset(args.videos, args.output, detector, run.pose_cache(), args.max_frames,
+                                   progress=run.progress)
     for skipped in manifest["skipped"]:
         print(f"skipped: {skipped['reason']}")
     frames = sum(clip["frames"] for clip in manifest["clips"])
@@ -281,19 +223,7 @@ def add_train_parser(subparsers) -> None:
                     "RUN/checkpoints/, validation videos to RUN/validation/, TensorBoard logs to RUN/logs/, and the "
                     "trained weights to RUN/final/ (use with `svd-animate --weights RUN/final`).",
     )
-    p.add_argument("--config", default="controlnext-svd-v2", help="training config name or YAML file")
-    p.add_argument("--data", type=Path, help="dataset folder (prepare-data's, or the published meta_info.json layout)")
-    p.add_argument("--output-dir", type=Path, help="run folder")
-    p.add_argument("--max-steps", type=_positive_int)
-    p.add_argument("--learning-rate", type=float)
-    p.add_argument("--trainable", help="encoder (default: fits one GPU), encoder+unet-subset, encoder+unet (what the "
-                                       "published v2 run trained: 8 GPUs, DeepSpeed ZeRO-2) or lora")
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--resume", help="`latest` (the newest checkpoint in the run folder) or a checkpoint folder")
-    p.add_argument("--num-processes", type=_positive_int, default=1,
-                   help="data-parallel over N processes (one per GPU; gloo on CPU); or use `accelerate launch "
-                        "--multi_gpu --num_processes N -m svd_controlnext train ...`")
+    add_options(p, train_options())
     p.set_defaults(run=run_train)
 
 
@@ -302,10 +232,7 @@ def run_train(args) -> int:
 
     from svd_animate.train.config import load_train_config
 
-    config = load_train_config(args.config).replace(
-        data=str(args.data) if args.data else None, output_dir=str(args.output_dir) if args.output_dir else None,
-        max_steps=args.max_steps, learning_rate=args.learning_rate, trainable=args.trainable,
-        mixed_precision=args.mixed_precision, seed=args.seed).check()
+    config = load_train_config(args.config).replace(**train_config_fields(vars(args))).check()
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from svd_animate.launch import launch_processes
 
@@ -325,13 +252,7 @@ def add_convert_parser(subparsers) -> None:
         description="Read the published controlnet.bin (and optionally unet.bin) safely (safetensors, or "
                     "torch.load with weights_only) and write DIR/pose_encoder/ (and DIR/unet/) as safetensors.",
     )
-    p.add_argument("--controlnet", required=True, help="controlnet.bin, a folder holding it, or a hub repo id")
-    p.add_argument("--unet", help="unet.bin (full UNet state dict), a folder holding it, or a hub repo id")
-    p.add_argument("--base", default=None, help="SVD base model (hub id or local folder) giving the UNet config "
-                                                "(default stabilityai/stable-video-diffusion-img2vid-xt-1-1)")
-    p.add_argument("--embedding-padding", type=int, choices=(0, 1), default=0,
-                   help="0: the published inference encoder (default); 1: the training code's variant")
-    p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
+    add_options(p, convert_options())
     p.set_defaults(run=run_convert)
 
 
@@ -356,8 +277,16 @@ def add_ui_parser(subparsers) -> None:
                     "fixed for the server; the per-job ones are on the page.",
     )
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+                   help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0: every interface, which "
+                        "needs --auth, --auth-file or --no-auth)")
     p.add_argument("--port", type=_positive_int, default=7860, help="port (default 7860)")
+    p.add_argument("--auth", action="append", metavar="USER:PASSWORD",
+                   help="a login the page asks for (repeatable; --auth-file keeps the password out of `ps`)")
+    p.add_argument("--auth-file", type=Path, metavar="FILE", help="logins, one user:password a line")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve beyond this machine without a login: anyone who reaches it may use the GPU and disk")
+    p.add_argument("--max-upload", type=_positive_int, default=500, metavar="MB",
+                   help="largest upload accepted, in MB (default 500)")
     p.add_argument("--output-dir", type=Path, default=Path("svd-animate-ui"),
                    help="folder for uploads (uploads/) and one folder per job (default ./svd-animate-ui)")
     p.add_argument("--examples", type=Path, help="folder whose images and videos the page offers as examples")
@@ -376,6 +305,10 @@ def run_ui(args) -> int:
     from svd_common.devices import check_device
     from svd_common.video import check_writable
 
+    from svd_animate.ui.access import check_exposure, read_logins
+
+    logins = read_logins(args.auth, args.auth_file)
+    check_exposure(args.host, logins, args.no_auth)
     load_preset(args.preset)  # an unknown preset: one line now, not a broken page
     check_device(args.device)
     output_dir = args.output_dir.resolve()
@@ -397,7 +330,7 @@ def run_ui(args) -> int:
     try:
         try:
             blocks = serve(runner, args.host, args.port, args.preset,
-                           args.examples.resolve() if args.examples else None)
+                           args.examples.resolve() if args.examples else None, logins, args.max_upload * 10**6)
         except OSError as e:
             reason = f"port {args.port} is in use (choose another with --port)" if "empty port" in str(e) \
                 else one_line(e)

@@ -18,6 +18,7 @@ import yaml
 
 from pose.align import ALIGN_METHODS
 from pose.detect import DETECTORS
+from pose.extract import FILL_MODES
 from svd_common.errors import InputError
 from svd_controlnext.schedules import SCHEDULERS, SIGMA_SCHEDULES
 from svd_controlnext.windows import FUSION_MODES
@@ -93,10 +94,17 @@ class AnimateConfig:
     fps: float | None = option(None, "output frame rate: the stride is chosen per clip to come closest to it "
                                      "(replaces --stride; a slower clip keeps every frame)", per_job=True,
                                minimum=0.01)
+    start: float = option(0.0, "start of the driving clip, in seconds", per_job=True, minimum=0)
+    end: float | None = option(None, "end of the driving clip, in seconds (default: its end)", per_job=True,
+                               minimum=0)
+    fill: Literal[FILL_MODES] = option("interpolate", "driving frames with nobody found: interpolate between "
+                                       "neighbours or hold the last pose", per_job=True)
     max_frames: int | None = option(None, "at most N output frames (the reference-pose frame, when first, counts)",
                                     per_job=True, minimum=1)
     fps_id: int = option(7, "SVD's fps conditioning (the model sees fps_id - 1)", flag=None, minimum=1)
-    motion_bucket_id: int = option(127, "SVD's motion conditioning", flag=None, per_job=True, minimum=0)
+    motion_bucket_id: int = option(128, "SVD's motion conditioning (128: what the published ControlNeXt pipeline "
+                                        "conditions on, whatever it is passed; its training used 127)", flag=None,
+                                   per_job=True, minimum=0)
     noise_aug_strength: float = option(0.02, "noise added to the reference before encoding", flag=None,
                                        per_job=True, minimum=0)
     decode_chunk_size: int | None = option(None, "frames per VAE decode (default: 8, fewer with a warning when half "
@@ -116,9 +124,13 @@ class AnimateConfig:
                                    "one-frame decode chunks", load=True)
     audio: bool = option(True, "keep the driving clip's audio track", flag="--no-audio",
                          flag_help="leave out the driving clip's audio track (default: keep it)")
-    detector: Literal[DETECTORS] = option("auto", "pose backend", flag=None, load=True)
-    align: Literal[(*ALIGN_METHODS, "none")] = option("ls", "retarget the driving poses to the reference",
-                                                      flag=None, per_job=True)
+    detector: Literal[DETECTORS] = option(
+        "auto", "pose backend (default: auto = DWPose, fetched once from the hub yzd-v/DWPose (~350 MB) when not found "
+        "locally; MediaPipe, with a warning, when offline or HF_HUB_OFFLINE=1. dwpose: an error instead of falling "
+        "back; mediapipe: never uses the network)", flag=None, load=True)  # flag: options.pose_source_options
+    align: Literal[(*ALIGN_METHODS, "none")] = option(
+        "ls", "retarget the driving poses to the reference: ls, the published least-squares fit; bones: ls plus the "
+        "reference's limb lengths; none: keep the driving positions", flag=None, per_job=True)  # (as detector)
 
     def __post_init__(self):
         check_config(self)
@@ -129,13 +141,19 @@ class AnimateConfig:
         if self.guidance_sigma_max is not None and self.guidance_sigma_max <= self.guidance_sigma_min:
             raise InputError(f"guidance_sigma_max ({self.guidance_sigma_max:g}) must be above guidance_sigma_min "
                              f"({self.guidance_sigma_min:g})")
+        if self.end is not None and self.end <= self.start:
+            raise InputError(f"end ({self.end:g}s) must come after start ({self.start:g}s)")
         if self.fast_sampling and self.published_sampling:
             raise InputError("the fast settings and the published sampling exclude each other")
 
     def replace(self, **changes) -> "AnimateConfig":
-        """A copy with `changes`; a None value means "not given" and changes nothing."""
-        changes = {k: v for k, v in changes.items() if v is not None}
+        """A copy with `changes` (a None sets the field to None, as `dataclasses.replace`)."""
         return dataclasses.replace(self, **changes)
+
+    def with_given(self, **values) -> "AnimateConfig":
+        """A copy with the values a user gave: a None is "not given" and changes nothing (flags left out, empty
+        page inputs, empty manifest cells). The one place None means that."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
 
 
 def field_types(cls) -> dict[str, object]:
@@ -184,8 +202,9 @@ def check_config(config) -> None:
         check_value(field, types[field.name], getattr(config, field.name))
 
 
-# Names that set several fields at once, on the command line and in batch manifests.
+# Names that set several fields to one value, on the command line, the page and in batch manifests, with their help.
 SHORTCUTS = {"guidance": ("min_guidance", "max_guidance")}
+SHORTCUT_HELP = {"guidance": "classifier-free guidance (min and max)"}
 
 
 def per_job_fields() -> dict[str, object]:
@@ -230,15 +249,32 @@ PUBLISHED_SAMPLING = {"fusion": "uniform", "prepend_reference_pose": True, "refe
                       "dtype": "fp32", "decode_chunk_size": 2, "max_frames": 240}
 
 
+@dataclasses.dataclass(frozen=True)
+class SettingsSwitch:
+    """A switch that sets several fields at once (`--published-sampling`, `--fast`), defined beside the values it
+    sets: its option name, the field that records it, the values and the help of its flag."""
+
+    name: str
+    field: str
+    settings: dict
+    help: str
+
+    def apply(self, config: AnimateConfig, explicit=()) -> AnimateConfig:
+        """`settings` over `config`, except the fields named in `explicit` (those the user set on purpose:
+        `--dtype bf16 --published-sampling` keeps bf16), with the field that records the switch."""
+        kept = {key: value for key, value in self.settings.items() if key not in explicit}
+        return dataclasses.replace(config, **{self.field: True}, **kept)
+
+
+PUBLISHED_SWITCH = SettingsSwitch(
+    "published_sampling", "published_sampling", PUBLISHED_SAMPLING,
+    "the published ControlNeXt-SVD-v2 path: its sampler exactly (reference pose as frame 0 and at position 0 of "
+    "every window, plain window mean), its reference framing and alignment fit, DWPose, fp32, decode chunks of 2, at "
+    "most 240 frames, fps floored, no audio (flags given explicitly still win; README: differences)")
+
+
 def with_published_sampling(config: AnimateConfig, explicit=()) -> AnimateConfig:
-    """The published pipeline's settings over `config`, except the fields named in `explicit`
-    (those the user set on purpose: `--dtype bf16 --published-sampling` keeps bf16)."""
-    return _with_settings(config, PUBLISHED_SAMPLING, explicit, published_sampling=True)
-
-
-def _with_settings(config: AnimateConfig, settings: dict, explicit, **flag) -> AnimateConfig:
-    """`settings` over `config`, except the fields in `explicit`, with the field that records them (`flag`)."""
-    return dataclasses.replace(config, **flag, **{key: value for key, value in settings.items() if key not in explicit})
+    return PUBLISHED_SWITCH.apply(config, explicit)
 
 
 # `--fast`: each value from its authors' figures on SVD (README, "Fast sampling"). AYS: NVIDIA's schedule made for SVD
@@ -249,9 +285,25 @@ FAST_SAMPLING = {"steps": 10, "sigma_schedule": "ays", "guidance_sigma_min": 0.2
                  "cache_interval": 2}
 
 
+FAST_SWITCH = SettingsSwitch(
+    "fast", "fast_sampling", FAST_SAMPLING,
+    "fast sampling: Align Your Steps at 10 steps, guidance only for noise levels in (0.28, 5.42], DeepCache every "
+    "2nd step (about a quarter of the published time; flags given explicitly still win; README: fast sampling)")
+SWITCHES = (PUBLISHED_SWITCH, FAST_SWITCH)
+
+
 def with_fast_sampling(config: AnimateConfig, explicit=()) -> AnimateConfig:
-    """The fast settings over `config`, except the fields named in `explicit` (`--fast --steps 12` keeps 12)."""
-    return _with_settings(config, FAST_SAMPLING, explicit, fast_sampling=True)
+    return FAST_SWITCH.apply(config, explicit)
+
+
+def with_switches(config: AnimateConfig, on, explicit=()) -> AnimateConfig:
+    """The settings of each switch in `on` (names) over `config`, except the fields in `explicit`. The one place the
+    switches meet what the user set on purpose: a preset's own keys (`load_preset`), the flags and page inputs
+    given (`options.config_from_values`)."""
+    for switch in SWITCHES:
+        if switch.name in on:
+            config = switch.apply(config, explicit)
+    return config
 
 
 def _check_type(name: str, value, annotation, where: str):
@@ -358,6 +410,4 @@ def _load_preset(name_or_path: str, folder: Path | None, chain: tuple[Path, ...]
     values = ({**dataclasses.asdict(_load_preset(str(base), path.parent, (*chain, path))), **own}
               if base is not None else own)
     config = config_from_mapping(AnimateConfig, values, f"{path}")
-    if config.published_sampling:
-        config = with_published_sampling(config, explicit=own)
-    return with_fast_sampling(config, explicit=own) if config.fast_sampling else config
+    return with_switches(config, [switch.name for switch in SWITCHES if getattr(config, switch.field)], explicit=own)

@@ -9,6 +9,7 @@ from pose.skeleton import PoseSequence
 from svd_animate import cli
 from svd_animate.config import AnimateConfig, load_preset
 from svd_animate.framing import cover_crop, crop_poses
+from svd_animate.run import RunSettings
 from svd_common.errors import InputError
 from tests.helpers import make_pose
 
@@ -267,7 +268,7 @@ def test_decode_chunk_is_fixed_unless_memory_is_short(monkeypatch, caplog):
     from svd_animate import animate as animate_module
     from svd_animate.animate import Animator
 
-    animator = Animator(AnimateConfig(width=256, height=256, dtype="fp32"), device="cpu")
+    animator = Animator(AnimateConfig(width=256, height=256, dtype="fp32"), RunSettings(device="cpu"))
     for free in (20 * 2**30, 200 * 2**30):
         monkeypatch.setattr(animate_module, "free_memory", lambda device, free=free: (free, 0))
         assert animator.decode_chunk(animator.config) == 8
@@ -305,7 +306,7 @@ def test_each_reference_is_detected_once_for_many_jobs(inputs, tmp_path, monkeyp
     monkeypatch.setattr(animate_module, "detect_reference", detect)
     monkeypatch.setattr(Animator, "detector", lambda self: None)
     config = load_preset("tiny").replace(prepend_reference_pose=True, steps=1)
-    with Animator(config, progress=False) as animator:
+    with Animator(config, RunSettings(progress=False)) as animator:
         results = [animator(inputs["ref"], inputs["poses"], tmp_path / name) for name in ("a.mp4", "b.mp4")]
     assert [r.frames for r in results] == [4, 4] and calls == [inputs["ref"]]  # 3 poses + the reference's
 

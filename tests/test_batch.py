@@ -12,8 +12,10 @@ import pytest
 
 from pose.skeleton import PoseSequence
 from svd_animate import cli
-from svd_animate.batch import (Job, format_table, job_overrides, jobs_from_folders, jobs_from_manifest, merge_reports,
+from svd_animate.batch import (Job, format_table, jobs_from_folders, jobs_from_manifest, merge_reports,
                                part_report, remove_leftovers, run_jobs, split_jobs, write_json)
+from svd_animate.config import expand_shortcuts
+from svd_animate.run import RunSettings
 from svd_common.errors import InputError
 from tests.helpers import make_pose
 
@@ -82,7 +84,7 @@ def test_manifest_csv_and_yaml(folders, tmp_path):
     (tmp_path / "jobs.yaml").write_text(f"jobs:\n  - {{ref: {refs / 'bob.png'}, pose: poses/walk.npz, "
                                         "guidance: 2.5}\n")
     job = jobs_from_manifest(tmp_path / "jobs.yaml", tmp_path / "out")[0]
-    assert job_overrides(job) == {"min_guidance": 2.5, "max_guidance": 2.5}
+    assert expand_shortcuts(dict(job.overrides)) == {"min_guidance": 2.5, "max_guidance": 2.5}
 
 
 def test_manifest_problems_all_listed_before_anything_starts(folders, tmp_path, capsys):
@@ -292,7 +294,7 @@ def test_batch_from_python_without_the_command_line(folders, tmp_path):
     out.mkdir()
     jobs[0].output.write_bytes(b"done")
     listing = dry_run_listing(jobs, load_preset("tiny").replace(detector="mediapipe"),
-                              BatchOptions(out, use_cache=False), unreadable={})
+                              BatchOptions(out, RunSettings(use_cache=False)), unreadable={})
     lines = listing.splitlines()
     assert len(lines) == 5 and lines[-1] == "4 jobs: 3 to run, 1 already done (skipped), 0 with unreadable inputs"
     assert "skip" in lines[0] and all("npz" in line for line in lines[:4])

@@ -89,7 +89,7 @@ def clips(tmp_path):
     ("nobody", ["--ref", "{black}"], "no person found in the reference image.*--align none"),
     ("nobody", ["--ref", "{text}"], "not a readable image"),
     ("nobody", ["--align", "ls"], "--align ls needs --ref"),
-    ("nobody", ["--start", "2", "--end", "1"], "--end .* must come after --start"),
+    ("nobody", ["--start", "2", "--end", "1"], r"end \(1s\) must come after start \(2s\)"),
 ])
 def test_bad_input_one_line_no_output(clips, tmp_path, capsys, case, extra, message):
     video = clips.get(case, tmp_path / "missing.mp4")

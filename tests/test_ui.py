@@ -16,11 +16,11 @@ from pose.skeleton import PoseSequence  # noqa: E402
 from svd_animate import cli  # noqa: E402
 from svd_animate.config import FAST_SAMPLING, AnimateConfig  # noqa: E402
 from svd_animate.options import Option, generation_options  # noqa: E402
+from svd_animate.run import RunSettings  # noqa: E402
 from svd_animate.ui.jobs import CancelFlag, JobRunner  # noqa: E402
 from svd_animate.ui.page import Page, error_status, page_options, shown_value, values_from_inputs  # noqa: E402
 from svd_common.errors import Cancelled, InputError, NoPersonError, UserError  # noqa: E402
 from svd_common.video import VideoWriter  # noqa: E402
-from svd_controlnext.windows import plan_windows  # noqa: E402
 
 CLIP = "driving_controlnext_v2_01.mp4"
 REF = "ref_controlnext_v2_01.jpeg"
@@ -43,7 +43,7 @@ def test_every_generation_option_is_a_page_input_or_a_ui_flag():
     sub = parser._subparsers._group_actions[0].choices  # argparse keeps sub-parsers here
     animate_dests = {a.dest for a in sub["animate"]._actions} - {"help", "quiet", "verbose", "ref", "pose", "output"}
     ui_dests = {a.dest for a in sub["ui"]._actions} - {"help", "quiet", "verbose", "host", "port", "output_dir",
-                                                       "examples"}
+                                                       "examples", "auth", "auth_file", "no_auth", "max_upload"}
     names = {option.name for option in generation_options()}
     assert animate_dests == names
     on_page = {option.name for option in page_options()}
@@ -206,19 +206,17 @@ def test_animation_job_writes_the_video_and_poses_with_models_loaded_once(runner
 def test_cancel_stops_sampling_at_once_and_leaves_nothing(runner, shared_data):
     before = job_folders(runner)
     flag, seen = CancelFlag(), []
-    windows = len(plan_windows(16, 8, 2))  # 16 frames in the tiny preset's windows of 8 sharing 2: 3 windows
 
     def on_progress(stage, done, total):
         seen.append((stage, done, total))
-        if stage == "sampling" and done == 2 * windows:
+        if stage == "sampling" and done == 2:
             flag.cancel()
 
     with pytest.raises(Cancelled):
         runner.animate(shared_data / REF, shared_data / CLIP, {**TINY, "max_frames": 16, "steps": 50}, on_progress,
                        flag)
-    assert windows == 3
-    # progress in steps x windows; step 3 never ran
-    assert [s for s in seen if s[0] == "sampling"] == [("sampling", 3, 150), ("sampling", 6, 150)]
+    # progress in denoising steps (each over every window); step 3 never ran
+    assert [s for s in seen if s[0] == "sampling"] == [("sampling", 1, 50), ("sampling", 2, 50)]
     assert job_folders(runner) == before  # no partial folder, no partial file
     assert runner._lock.acquire(blocking=False)  # the worker is free for the next job
     runner._lock.release()
@@ -337,7 +335,7 @@ def test_ticking_published_on_loaded_models_changes_the_detector():
     from svd_animate.config import load_preset, with_published_sampling
 
     config = load_preset("tiny")
-    animator = Animator(config, device="cpu")
+    animator = Animator(config, RunSettings(device="cpu"))
     animator._detector = object()  # as if MediaPipe had been loaded by `auto`
     animator.reconfigure(config.replace(seed=3))
     assert animator._detector is not None  # same detector: kept

@@ -53,7 +53,8 @@ def server(tmp_path_factory, shared_data):
     base = tmp_path_factory.mktemp("ui")
     port = free_port()
     env = {**os.environ, "SVD_ANIMATE_CACHE": str(base / "pose-cache"), "HF_HUB_OFFLINE": "1",
-           "HF_HUB_CACHE": str(base / "hub"), "GLOG_minloglevel": "2"}
+           "HF_HUB_CACHE": str(base / "hub"), "GLOG_minloglevel": "2",
+           "GRADIO_HEARTBEAT_INTERVAL": "1"}  # a visitor who leaves is seen within a second (15 s by default)
     env.pop("GRADIO_TEMP_DIR", None)  # uploads must go to --output-dir/uploads
     log = open(base / "server.log", "w")
     process = subprocess.Popen([sys.executable, "-m", "svd_animate", "ui", "--preset", "tiny", "--port", str(port),
@@ -262,3 +263,24 @@ def test_ticking_fast_shows_its_settings_and_keeps_an_edit(page, server):
     assert page.locator("#opt-sigma_schedule input").input_value() == "ays"
     page.locator("#opt-fast input").uncheck()
     page.wait_for_function("() => document.querySelector('#opt-steps input').value === '3'")  # the tiny preset's
+
+
+def test_a_visitors_uploads_go_when_they_leave(browser, server, shared_data, tmp_path):
+    mine = tmp_path / "leaving.jpeg"  # a name no other visitor uploads
+    shutil.copy(shared_data / REF, mine)
+    context = browser.new_context(viewport={"width": 1400, "height": 1500})
+    visitor = context.new_page()
+    visitor.set_default_timeout(60_000)
+    visitor.goto(server.url)
+    upload(visitor, mine, shared_data / CLIP)
+    set_option(visitor, "max_frames", "8")
+    visitor.click("#show-poses")
+    assert wait_for_status(visitor, "Poses:", "Error").startswith("Poses:")
+    uploads = server.output_dir / "uploads"
+    assert any(uploads.rglob(mine.name))
+    context.close()
+    deadline = time.monotonic() + 30
+    while any(uploads.rglob(mine.name)):
+        assert time.monotonic() < deadline, "the upload outlived its visitor"
+        time.sleep(0.2)
+    assert mine.is_file() and server.process.poll() is None

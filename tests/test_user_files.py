@@ -20,6 +20,7 @@ from pose.skeleton import PoseSequence
 from svd_animate import cli
 from svd_animate.animate import Animator
 from svd_animate.config import load_preset
+from svd_animate.run import RunSettings
 from svd_common.devices import available_devices, check_device
 from svd_common.errors import InputError, SamplingError
 from svd_common.paths import check_not_input, same_file
@@ -168,14 +169,14 @@ def test_cuda_on_a_cpu_only_torch_is_refused_when_the_run_is_set_up():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(InputError, match="--device cuda: not available on this machine"):
-        Animator(load_preset("tiny"), device="cuda")
+        Animator(load_preset("tiny"), RunSettings(device="cuda"))
     assert check_device(None) == "cpu" and check_device("cpu") == "cpu"
 
 
 # ---- non-finite sampling ---------------------------------------------------------------------------------
 
 def test_nan_latents_stop_the_job_before_any_video_is_written(files, tmp_path):
-    animator = Animator(load_preset("tiny"), progress=False)
+    animator = Animator(load_preset("tiny"), RunSettings(progress=False))
     unet = animator.pipeline().unet
 
     def poison(module, args, output):  # any cause: an overflow, a bad checkpoint, an extreme setting
@@ -197,7 +198,7 @@ def test_a_poses_file_says_it_keeps_its_own_stride(files, tmp_path, caplog):
     poses = PoseSequence.load(files["poses"])
     poses.meta = {**poses.meta, "stride": 1}
     poses.save(files["poses"])
-    with Animator(load_preset("tiny").replace(stride=3), progress=False) as animator:
+    with Animator(load_preset("tiny").replace(stride=3), RunSettings(progress=False)) as animator:
         animator.poses(files["ref"], files["poses"])
     assert "keeps the stride it was made with (1); this run's stride 3 applies to driving videos only" in caplog.text
 
@@ -241,7 +242,7 @@ def test_sigterm_while_writing_exits_143_in_one_line_and_leaves_no_part(files, t
 # ---- library noise ---------------------------------------------------------------------------------------
 
 def test_fp16_on_the_cpu_is_said_once_not_by_diffusers_eleven_times(capfd, caplog):
-    animator = Animator(load_preset("tiny").replace(dtype="fp16"), progress=False)
+    animator = Animator(load_preset("tiny").replace(dtype="fp16"), RunSettings(progress=False))
     animator.pipeline()
     assert animator.pipeline().unet.dtype == torch.float16
     err = capfd.readouterr().err

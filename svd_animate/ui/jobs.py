@@ -22,15 +22,15 @@ from typing import Callable
 
 import torch
 
-from pose.cache import PoseCache
 from pose.preview import write_preview
 from svd_common.atomic import publish_folder
 from svd_common.errors import Cancelled, InputError
 from svd_common.video import is_image_path, probe_video, read_image
 
-from ..animate import Animator, extract_settings, with_target_fps
+from ..animate import Animator, extract_settings, job_config, saved_poses
 from ..config import LOAD_KEYS, TINY, AnimateConfig
 from ..options import config_from_values
+from ..run import RunSettings
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +98,8 @@ class JobRunner:
         for stale in self.output_dir.glob(".*.partial"):  # jobs of a server killed mid-job (not another's running)
             if time.time() - stale.stat().st_mtime > STALE_AFTER_S:
                 shutil.rmtree(stale, ignore_errors=True)
-        self.weights = weights
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.cache = PoseCache(cache_dir)
-        self.dwpose_dir = dwpose_dir
+        self.run = RunSettings(weights=weights, device=device, cache_dir=cache_dir, dwpose_dir=dwpose_dir,
+                               progress=progress)
         self.fixed = {key: value for key, value in (fixed or {}).items() if value is not None}
         self.progress = progress
         self._animator: Animator | None = None
@@ -120,7 +118,7 @@ class JobRunner:
                 self._animator.reconfigure(config)
                 return self._animator
             self.close()  # the old models go before the new ones load (two would not fit on one GPU)
-        self._animator = Animator(config, self.weights, self.device, self.cache, self.dwpose_dir, self.progress)
+        self._animator = Animator(config, self.run)
         return self._animator
 
     def close(self) -> None:
@@ -137,8 +135,9 @@ class JobRunner:
         (source | skeleton | skeleton over the reference)."""
         report = self._reporter(on_progress, cancel)
         with _JobFolder(self, reference, video, values) as job:
-            poses, _ = job.animator.poses(reference, video, lambda done, total: report("poses", done, total))
-            poses = self._with_meta(poses, Path(reference), job.config)
+            stages = job.animator.job(reference, video, on_progress=report)
+            stages.check()
+            poses = saved_poses(stages.poses(), Path(reference), job.config)
             poses.save(job.folder / POSES_FILE)
             write_preview(job.folder / PREVIEW_FILE, video, poses, extract_settings(job.config), read_image(reference),
                           progress=self.progress, on_frame=lambda done, total: report("preview", done, total))
@@ -153,7 +152,7 @@ class JobRunner:
         with _JobFolder(self, reference, video, values) as job:
             name = f"{_stem(Path(video))}_{_stem(Path(reference))}.mp4"
             result = job.animator(reference, video, job.folder / name, side_by_side=side_by_side, on_progress=report)
-            self._with_meta(result.poses, Path(reference), job.config).save(job.folder / POSES_FILE)
+            saved_poses(result.poses, Path(reference), job.config).save(job.folder / POSES_FILE)
         audio = ", with the driving clip's audio" if result.audio else ""
         summary = f"{result.frames} frames at {result.fps:g} fps{audio}, seed {result.seed}"
         return AnimationJob(job.final, job.final / name, job.final / POSES_FILE, result.frames, result.fps,
@@ -168,12 +167,6 @@ class JobRunner:
                 on_progress(stage, done, total)
 
         return report
-
-    @staticmethod
-    def _with_meta(poses, reference: Path, config: AnimateConfig):
-        """The metadata `svd-animate pose` writes, so the file works as `--pose` later."""
-        return poses.replace(meta={**poses.meta, "reference": reference.name,
-                                   "align": poses.meta.get("align", {"method": config.align})})
 
 
 class _JobFolder:
@@ -192,8 +185,7 @@ class _JobFolder:
         if is_image_path(self.video):
             raise InputError(f"{self.video.name}: is an image; the driving input must be a video")
         probe_video(self.video)  # not a video: one line now, before any model loads
-        # --fps as this clip's stride, chosen once here (the Animator then finds no fps to choose it again)
-        self.config = dataclasses.replace(with_target_fps(config, self.video), fps=None)
+        self.config = job_config(config, self.video)  # the job's own (--fps as this clip's stride), for the summary
         self.runner._lock.acquire()
         try:
             self.animator = self.runner.animator(self.config)

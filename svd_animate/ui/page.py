@@ -8,18 +8,26 @@ flags given, so the page and the CLI make the same config.
 Step 1 shows the aligned skeletons (source | skeleton | skeleton over the reference) from the pose cache when
 the clip was seen before; step 2 animates. Both run through Gradio's queue one at a time (other visitors see
 their place) on one `JobRunner`, whose models stay loaded. Errors are one line in the page, never a traceback.
+
+Scripts get the same two jobs as the API endpoints `/poses` and `/animate` (one call each, the files and the
+page's options as named arguments, every other event private); the uploads a job used are removed when an API
+call ends or the visitor leaves the page.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
+import os
 import threading
 import typing
 import uuid
 from pathlib import Path
 
 import gradio as gr
+from gradio import FileData
+from gradio.utils import get_upload_folder, is_in_or_equal
 
 from svd_common.errors import Cancelled, InputError, UserError
 from svd_common.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES
@@ -33,13 +41,16 @@ logger = logging.getLogger(__name__)
 # Shown above the fold, in these rows; every other page option goes under "Advanced options".
 MAIN_ROWS = (("preset", "align", "fast", "side_by_side"), ("steps", "seed", "stride", "max_frames", "width", "height"))
 MAIN_OPTIONS = sum(MAIN_ROWS, ())
-STAGES = {"poses": "extracting poses", "preview": "drawing the preview", "sampling": "sampling (steps × windows)",
+STAGES = {"poses": "extracting poses", "preview": "drawing the preview", "sampling": "sampling (steps)",
           "decoding": "decoding frames"}
 CONFIG_FIELDS = {field.name for field in dataclasses.fields(AnimateConfig)}
 # The inputs that choose which settings the others show; `fast` is shown by the field it sets.
 CHOICE = ("preset", "fast", "published_sampling")
 SHORTCUT_FIELDS = {"fast": "fast_sampling"}
 CSS = "#status.error {color: var(--error-text-color);}"
+# Gradio's own copies (uploads, results shown) older than this go, checked hourly; all of them when the server stops
+CACHE_LIFETIME_S = 6 * 3600
+PRIVATE = {"api_visibility": "private"}  # the page's own events: not part of the API
 
 
 def page_options() -> list[Option]:
@@ -143,6 +154,17 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def attempt(work):
+    """(work(), None), or (None, the page's line) when it fails: every failure becomes one line (a bug's traceback
+    goes to the log)."""
+    try:
+        return work(), None
+    except Exception as error:  # noqa: BLE001 - shown as one line
+        if not isinstance(error, UserError):
+            logger.exception("job failed")
+        return None, error_status(error)
+
+
 def error_status(error: BaseException) -> str:
     """What the page says when a job fails: the error's one line, or for a bug its kind (the log has the rest)."""
     import torch
@@ -162,7 +184,7 @@ def reference_image(**kwargs) -> gr.Image:
     image (or a decompression bomb) would end there as its generic "the upstream app raised an exception": such a
     file is passed on by its path instead, and the job's own reader names the problem in one line. (The component
     is wrapped, not subclassed: Gradio writes a .pyi stub beside the module of every subclass.)"""
-    component = gr.Image(type="filepath", **kwargs)
+    component = gr.Image(type="filepath", image_mode=None, **kwargs)  # the upload itself: `read_image` decodes it
     preprocess = component.preprocess
 
     def tolerant(payload):
@@ -175,6 +197,46 @@ def reference_image(**kwargs) -> gr.Image:
 
     component.preprocess = tolerant
     return component
+
+
+def api_type(option: Option, presets=()):
+    """The type hint of `option`'s API argument, from which Gradio writes its schema; None: the preset's value."""
+    choices = tuple(presets) if option.name == "preset" else option.choices
+    kind = typing.Literal[choices] if choices else (str if option.kind is Path else option.kind)
+    return typing.Optional[kind]
+
+
+def typed_value(option: Option, value):
+    """An API argument as the option's value (`audio=False`: no audio), its type checked in one line; the value
+    itself is checked with the CLI's checks when the config is made."""
+    if value is None:
+        return None
+    if option.is_switch:
+        ok = isinstance(value, bool)
+    elif option.kind in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            option.kind is float or float(value).is_integer())
+        value = option.kind(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        kind = {bool: "true or false", int: "a whole number", float: "a number"}.get(option.kind, "a string")
+        raise InputError(f"{option.name}: must be {kind}, got {value!r}")
+    return value
+
+
+def remove_upload(path, blocks: gr.Blocks) -> None:
+    """Delete a file Gradio wrote when it received an upload, and its folder when empty: only a path in the page's
+    upload record inside Gradio's upload folder, never a visitor's example or a file of the server's own."""
+    path = str(path or "")
+    if path not in blocks.upload_file_set or not is_in_or_equal(path, get_upload_folder()):
+        return
+    blocks.upload_file_set.discard(path)
+    Path(path).unlink(missing_ok=True)
+    try:
+        os.rmdir(Path(path).parent)  # Gradio's one folder per upload (named by its hash), if nothing else is in it
+    except OSError:
+        pass
 
 
 def example_files(folder: Path | None, suffixes) -> list[list[str]]:
@@ -190,7 +252,8 @@ def preset_choices(initial: str) -> list[str]:
 class Page:
     """The page and its handlers over one `JobRunner`. Each job gets an id, a Cancel flag and the choice its inputs
     showed when its button was clicked (so Cancel also reaches a job still waiting in the queue, and what the
-    visitor changes while it waits does not change it); `_jobs` maps ids to (visitor, flag, choice)."""
+    visitor changes while it waits does not change it); `_jobs` maps ids to (visitor, flag, choice), `_uploads`
+    each visitor to their uploads (removed when they leave: step 2 reuses step 1's)."""
 
     def __init__(self, runner: JobRunner, preset: str = DEFAULT_PRESET, examples: Path | None = None):
         self.runner = runner
@@ -199,7 +262,9 @@ class Page:
         self.examples = examples
         self.options = page_options()
         self._jobs: dict[str, tuple[str, CancelFlag, tuple]] = {}
+        self._uploads: dict[str, set[str]] = {}
         self._jobs_lock = threading.Lock()
+        self.blocks: gr.Blocks | None = None
 
     # -- handlers -------------------------------------------------------------------------------------------
 
@@ -211,12 +276,26 @@ class Page:
             self._jobs[job_id] = (request.session_hash, CancelFlag(), tuple(shown_choice))
         return "Waiting for the worker (one job at a time)...", job_id
 
+    def note_uploads(self, reference, video, request: gr.Request) -> None:
+        """On an upload: the visitor's files, to remove when they leave."""
+        self._note(request.session_hash, (reference, video))
+
+    def _note(self, visitor: str | None, paths) -> None:
+        with self._jobs_lock:
+            self._uploads.setdefault(visitor, set()).update(str(path) for path in paths if path)
+
     def forget(self, request: gr.Request) -> None:
-        """The visitor left: their jobs' entries go. A job already running goes on to its end (its folder is kept
-        in the output folder); one still waiting that Gradio runs anyway starts with a fresh flag."""
+        """The visitor left: their jobs' entries go, and their uploads unless another visitor holds the same file
+        (Gradio keeps one copy of the same bytes under the same name). A job already running goes on to its end
+        (its folder is kept in the output folder); one still waiting that Gradio runs anyway starts with a fresh
+        flag."""
         with self._jobs_lock:
             for job_id in [k for k, (visitor, _, _) in self._jobs.items() if visitor == request.session_hash]:
                 del self._jobs[job_id]
+            used = self._uploads.pop(request.session_hash, set())
+            used -= set().union(*self._uploads.values())
+        for path in used:
+            remove_upload(path, self.blocks)
 
     def cancel(self, request: gr.Request) -> str:
         """Stop this visitor's jobs: the running one at its next frame or step, the waiting ones when they start."""
@@ -229,33 +308,77 @@ class Page:
     def _job(self, work, data: dict, progress):
         job_id = data[self.job_box]
         with self._jobs_lock:
-            _, flag, shown_choice = self._jobs.get(job_id, (None, CancelFlag(), data[self.choice_state]))
+            visitor, flag, shown_choice = self._jobs.get(job_id, (None, CancelFlag(), data[self.choice_state]))
         reference, video = data[self.reference_input], data[self.video_input]
+        self._note(visitor, (reference, video))
         raw = [data[component] for component in self.option_inputs]
 
         def on_progress(stage: str, done: int, total: int | None) -> None:
             progress((done, total) if total else None, desc=STAGES.get(stage, stage), unit="frames" if stage in (
                 "poses", "preview", "decoding") else "window steps")
 
-        try:
+        def run():
             flag.check()  # cancelled while it waited in the queue
-            return work(reference, video, self.job_values(raw, shown_choice), on_progress, flag), None
-        except Exception as error:  # noqa: BLE001 - every failure becomes one line in the page
-            if not isinstance(error, UserError):
-                logger.exception("job failed")
-            return None, error_status(error)
+            return work(reference, video, self.job_values(raw, shown_choice), on_progress, flag)
+
+        try:
+            return attempt(run)
         finally:
             with self._jobs_lock:
                 self._jobs.pop(job_id, None)
+
+    def _api_job(self, work, reference: FileData, video: FileData, arguments: dict):
+        """One API call: the job on the uploaded files, its files returned; a failure is one line (`gr.Error`), and
+        the call's uploads are removed either way."""
+        paths = [file.get("path") if isinstance(file, dict) else getattr(file, "path", None)
+                 for file in (reference, video)]
+        try:
+            job, error = attempt(lambda: work(*paths, self.api_values(arguments)))
+        finally:
+            for path in paths:
+                remove_upload(path, self.blocks)
+        if error:
+            raise gr.Error(error.removeprefix("Error: "), print_exception=False)
+        return job
+
+    def api_values(self, arguments: dict) -> dict:
+        """An API call's arguments as a job takes them: each the option's value, None the preset's (the server's
+        preset when no preset is named), as the CLI takes its flags."""
+        values = {option.name: typed_value(option, arguments.get(option.name)) for option in self.options}
+        values["preset"] = values["preset"] or self.preset
+        self.check_preset(values)
+        return values
+
+    def api_endpoint(self, name: str, work, outputs, doc: str):
+        """A function for `gr.api` whose signature Gradio shows to clients: the reference and video files, then
+        one argument per page option, named after it and None by default (the preset's value)."""
+        files = [inspect.Parameter(file, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=FileData)
+                 for file in ("reference", "video")]
+        options = [inspect.Parameter(option.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                                     annotation=api_type(option, self.presets)) for option in self.options]
+        returns = typing.Tuple[(FileData,) * len(outputs)]
+
+        def endpoint(reference, video, *values):
+            job = self._api_job(work, reference, video, dict(zip((o.name for o in self.options), values)))
+            return tuple(FileData(path=str(getattr(job, output))) for output in outputs)
+
+        endpoint.__name__, endpoint.__doc__ = name, doc
+        endpoint.__signature__ = inspect.Signature(files + options, return_annotation=returns)
+        endpoint.__annotations__ = {p.name: p.annotation for p in files + options} | {"return": returns}
+        return endpoint
 
     def job_values(self, raw: list, shown_choice: tuple) -> dict:
         """The option inputs' values (in `self.options` order) as a job takes them: only what the visitor set.
         `shown_choice` is the (preset, fast, published) whose values the inputs show; what still equals them was
         not set, so a choice changed a moment ago applies even before the page has shown its values."""
         values = values_from_inputs(self.options, raw)
+        self.check_preset(values)
+        return given(values, self.runner.config(choice_of(dict(zip(CHOICE, shown_choice)))))
+
+    def check_preset(self, values: dict) -> None:
+        """Only the listed presets: a visitor names no YAML file of the server's."""
         if values.get("preset") not in self.presets:
             raise InputError(f"preset {values.get('preset')!r}: choose one of {', '.join(self.presets)}")
-        return given(values, self.runner.config(choice_of(dict(zip(CHOICE, shown_choice)))))
 
     def show_poses(self, data: dict, progress=gr.Progress()):
         job, error = self._job(self.runner.poses, data, progress)
@@ -300,9 +423,11 @@ class Page:
 
     def build(self) -> gr.Blocks:
         config = self.runner.config({"preset": self.preset})
-        with gr.Blocks(title="svd-animate", analytics_enabled=False) as blocks:
+        with gr.Blocks(title="svd-animate", analytics_enabled=False,
+                       delete_cache=(3600, CACHE_LIFETIME_S)) as blocks:
             gr.Markdown("## svd-animate\nA reference image + a driving video → the character moving like the "
                         "dancer. **1.** check the skeletons, **2.** animate.")
+            self.add_api()  # first: the page's own events then cannot take the names /poses and /animate
             if config.base_model == TINY:
                 gr.Markdown("**Tiny preset: RANDOM WEIGHTS.** The result is noise, not an animation; start the "
                             "server with real weights (`--preset controlnext-svd-v2`) for real output.")
@@ -352,27 +477,49 @@ class Page:
             job_inputs = {reference, video, job_box, choice_state, *ordered}
             for button, handler, shown in ((poses_button, self.show_poses, preview),
                                            (animate_button, self.animate, result)):
-                button.click(self.arm, choice_state, [status, job_box], queue=False).then(
-                    handler, job_inputs, [status, shown, downloads], concurrency_id="worker", concurrency_limit=1)
-            cancel_button.click(self.cancel, None, status, queue=False)
+                button.click(self.arm, choice_state, [status, job_box], queue=False, **PRIVATE).then(
+                    handler, job_inputs, [status, shown, downloads], concurrency_id="worker", concurrency_limit=1,
+                    **PRIVATE)
+            cancel_button.click(self.cancel, None, status, queue=False, **PRIVATE)
+            for upload in (reference, video):
+                upload.upload(self.note_uploads, [reference, video], None, queue=False, show_progress="hidden",
+                              **PRIVATE)
             choice = [inputs[name] for name in CHOICE]
             for changed in choice:  # `input`: the visitor's changes only, not the page's own updates
                 changed.input(self.refresh, [choice_state, *choice, *ordered], [status, choice_state, *ordered],
-                              queue=False)
+                              queue=False, **PRIVATE)
             blocks.unload(self.forget)
         blocks.queue(default_concurrency_limit=1)
+        self.blocks = blocks
+        return blocks
+
+    def add_api(self) -> None:
+        """`/poses` and `/animate` for scripts (gradio_client), in the page's one-job-at-a-time queue."""
+        for name, work, outputs, doc in (
+                ("poses", self.runner.poses, ("preview", "poses"), "Step 1: the driving poses aligned to the "
+                 "reference. Returns the preview video (source | skeleton | skeleton over the reference) and "
+                 "poses.npz."),
+                ("animate", self.runner.animate, ("video", "poses"), "Step 2: the animation. Returns the video "
+                 "and the poses.npz it followed.")):
+            gr.api(self.api_endpoint(name, work, outputs, doc), api_name=name, concurrency_id="worker",
+                   concurrency_limit=1)
+
+    def serve(self, host: str, port: int, auth: list | None = None, max_upload_bytes: int | None = None):
+        """Build the page and serve it in the background, behind a login when `auth` lists (user, password) pairs,
+        refusing uploads over `max_upload_bytes`; `block_thread()` on the result waits until Ctrl-C."""
+        blocks = self.build()
+        allowed = [str(self.runner.output_dir)] + ([str(self.examples)] if self.examples else [])
+        theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                                  font_mono=["ui-monospace", "monospace"])  # no web fonts: the page works offline
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests, one INFO line each
+        blocks.launch(server_name=host, server_port=port, allowed_paths=allowed, show_error=False, quiet=True,
+                      prevent_thread_lock=True, theme=theme, css=CSS, auth=auth or None,
+                      max_file_size=max_upload_bytes)
         return blocks
 
 
-def serve(runner: JobRunner, host: str, port: int, preset: str, examples: Path | None):
-    """Build the page and start serving it in the background (uploads and results are served from the runner's
-    output folder); `block_thread()` on the result waits until Ctrl-C."""
-    page = Page(runner, preset, examples)
-    blocks = page.build()
-    allowed = [str(runner.output_dir)] + ([str(examples)] if examples else [])
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "monospace"])  # no web fonts: the page works offline
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up requests, one INFO line each
-    blocks.launch(server_name=host, server_port=port, allowed_paths=allowed, show_error=False, quiet=True,
-                  prevent_thread_lock=True, theme=theme, css=CSS)
-    return blocks
+def serve(runner: JobRunner, host: str, port: int, preset: str, examples: Path | None, auth: list | None = None,
+          max_upload_bytes: int | None = None):
+    """The page of `svd-animate ui`, served in the background (results are served from the runner's output
+    folder, uploads from Gradio's, `GRADIO_TEMP_DIR`)."""
+    return Page(runner, preset, examples).serve(host, port, auth, max_upload_bytes)
