@@ -260,7 +260,7 @@ def job_config(config: AnimateConfig, pose_input: Path, **overrides) -> AnimateC
     refused = sorted(set(overrides) & set(LOAD_KEYS))
     if refused:
         raise InputError(f"{', '.join(refused)}: fixed for the whole run, not per job")
-    config = config.replace(**expand_shortcuts(overrides))
+    config = config.with_given(**expand_shortcuts(overrides))
     return with_target_fps(config, pose_input) if pose_input.is_file() else config  # (a missing one: `check`)
 
 
