@@ -95,8 +95,9 @@ def run_video(pipe, mode: str, args, dtype):
                   "interval": config.replace(guidance_sigma_min=0.28, guidance_sigma_max=5.42),
                   "deepcache": config.replace(cache_interval=2)}[mode]
         arguments = pipeline_arguments(config)
-    latents = pipe(reference, poses, num_frames=args.frames, generator=torch.Generator().manual_seed(0),
-                   output_type="latent", **arguments).frames
+    result = pipe(reference, poses, num_frames=args.frames, generator=torch.Generator().manual_seed(0),
+                  output_type="latent", **arguments)
+    latents = result.frames
     final = latents.float().cpu()  # (also waits for the device)
     sampled = time.perf_counter()
     checksum = 0
@@ -118,8 +119,8 @@ def run_video(pipe, mode: str, args, dtype):
            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
            "peak_rss_over_models_gib": round((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 2**20,
                                              3),
-           "dtype": str(dtype).replace("torch.", ""), "checksum": checksum, "unet_calls_cached": pipe.cached_calls,
-           "guided_steps": pipe.guided_steps}
+           "dtype": str(dtype).replace("torch.", ""), "checksum": checksum,
+           "unet_calls_cached": result.counts.cached_calls, "guided_steps": result.counts.guided_steps}
     if device.type == "cuda":
         out["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return out, final

@@ -18,38 +18,49 @@ encoder need not run on cached steps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 HOOK_NAME = "svd_animate_deep_cache"
 
 
+@dataclass(frozen=True)
+class DeepCacheConfig:
+    """`interval`: the deep blocks run every `interval` steps (the first step of a call is always a full one)."""
+
+    interval: int = 2
+
+    def __post_init__(self):
+        if self.interval < 1:
+            raise ValueError(f"cache interval must be at least 1, got {self.interval}")
+
+
+def reuses_feature(step: int, interval: int, kept_rows: int | None, rows: int) -> bool:
+    """The cache policy: a call reuses the kept deep feature on a step that is not a full one, when a feature was
+    kept for its window and covers its `rows` (batch x frames): a guided full step's feature serves an unguided step
+    through its conditional half; the other way round needs a full step."""
+    return step % interval != 0 and kept_rows in (rows, 2 * rows)
+
+
 class DeepCache:
-    """Per-call state: which window the next UNet call is for, and whether it may reuse that window's feature.
+    """Per-call state: which window the next UNet call is for, and whether it reuses that window's feature.
     Features are kept per window (windows hold different frames)."""
 
-    def __init__(self, unet, interval: int):
-        if interval < 1:
-            raise ValueError(f"cache interval must be at least 1, got {interval}")
-        self.unet = unet
-        self.interval = interval
+    def __init__(self, config: DeepCacheConfig):
+        self.config = config
         self.features: dict[object, torch.Tensor] = {}
         self.reuse = False
         self.key = None
         self.rows = 0
         self.cached_steps = 0
 
-    def is_full_step(self, step: int) -> bool:
-        return step % self.interval == 0
-
     def prepare(self, key, step: int, rows: int) -> bool:
-        """Before the UNet call for window `key` at `step` on a batch of `rows` (batch x frames): reuse the kept
-        feature when the step is not a full one and the feature covers these rows (a guided full step's feature
-        serves an unguided step through its conditional half; the other way round needs a full step). Returns
-        whether this call is cached."""
+        """Before the UNet call for window `key` at `step` on a batch of `rows`: returns whether it is cached."""
         kept = self.features.get(key)
         self.key, self.rows = key, rows
-        self.reuse = (not self.is_full_step(step) and kept is not None and kept.shape[0] in (rows, 2 * rows))
+        self.reuse = reuses_feature(step, self.config.interval, None if kept is None else kept.shape[0], rows)
         self.cached_steps += self.reuse
         return self.reuse
 
@@ -57,20 +68,23 @@ class DeepCache:
         kept = self.features[self.key]
         return kept if kept.shape[0] == self.rows else kept[self.rows:]  # rows are [unconditional, conditional]
 
-    def attach(self) -> "DeepCache":
-        blocks = self.unet.down_blocks, self.unet.up_blocks
-        for block in blocks[0][1:]:
-            skips = len(block.resnets) + (1 if getattr(block, "downsamplers", None) else 0)
-            _register(block, _Skip(self, skips))
-        _register(self.unet.mid_block, _Skip(self, None))
-        for block in blocks[1][:-2]:
-            _register(block, _Skip(self, None))
-        _register(blocks[1][-2], _Keep(self))
-        return self
 
-    def detach(self) -> None:
-        HookRegistry.check_if_exists_or_initialize(self.unet).remove_hook(HOOK_NAME, recurse=True)
-        self.features.clear()
+def apply_deep_cache(unet, config: DeepCacheConfig) -> DeepCache:
+    """Register DeepCache's hooks on the UNet's blocks; returns the state the sampling loop prepares each call with."""
+    cache = DeepCache(config)
+    down, up = unet.down_blocks, unet.up_blocks
+    for block in down[1:]:
+        skips = len(block.resnets) + (1 if getattr(block, "downsamplers", None) else 0)
+        _register(block, _Skip(cache, skips))
+    _register(unet.mid_block, _Skip(cache, None))
+    for block in up[:-2]:
+        _register(block, _Skip(cache, None))
+    _register(up[-2], _Keep(cache))
+    return cache
+
+
+def remove_deep_cache(unet) -> None:
+    HookRegistry.check_if_exists_or_initialize(unet).remove_hook(HOOK_NAME, recurse=True)
 
 
 def _register(module, hook: ModelHook) -> None:

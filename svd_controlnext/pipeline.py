@@ -5,8 +5,13 @@ VAE conditioning latent, time ids, latents, decoding). What it adds to the denoi
 - pose control: at each step the encoder runs on the conditional frames only, once per frame (frames
   shared by overlapping windows are not encoded twice), and its features are added at the configured
   UNet site (see `injection.py`); `control_scale` really scales;
-- long videos: overlapping windows planned by `windows.py`, each stepped from the same sigma, fused
-  with position weights (or the published uniform mean), one noise tensor for the whole video.
+- long videos: overlapping windows (`windows.WindowPlan`), each predicted at the same sigma, the
+  predictions fused with position weights (or the published uniform mean), one noise tensor for the
+  whole video;
+- the fast-sampling pieces: guidance limited to a σ interval (`guidance.GuidancePolicy`) and DeepCache
+  (`deep_cache.apply_deep_cache`, on diffusers' hooks like the control hook).
+The call returns diffusers' output with `counts` (`SamplingCounts`): what the call did (encoder calls,
+guided steps, cached UNet calls), per call, not kept on the pipeline.
 With no encoder (or `control_scale=0`) and a single window it computes exactly what the diffusers
 pipeline computes.
 """
@@ -14,6 +19,7 @@ pipeline computes.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -24,11 +30,28 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from .deep_cache import DeepCache
+from .deep_cache import DeepCacheConfig, apply_deep_cache, remove_deep_cache
 from .encoder import PoseEncoder
-from .injection import ControlInjector
-from .schedules import guidance_applies
-from .windows import fusion_weights, plan_windows
+from .guidance import GuidancePolicy
+from .injection import ControlConfig, ControlInjector, apply_control, find_control
+from .windows import WindowPlan
+
+
+@dataclass
+class SamplingCounts:
+    """What one call did: the work the fast-sampling options save, read by tests and benchmarks."""
+
+    control_calls: int = 0  # pose-encoder calls (at most one per step and window)
+    control_frames: int = 0  # frames those calls encoded
+    guided_steps: int = 0  # steps that ran the unconditional half too
+    cached_calls: int = 0  # UNet calls that reused deep features (DeepCache)
+
+
+@dataclass
+class ControlNeXtSVDPipelineOutput(StableVideoDiffusionPipelineOutput):
+    """diffusers' SVD output (`frames`) and the call's `counts`."""
+
+    counts: SamplingCounts = field(default_factory=SamplingCounts)
 
 
 class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
@@ -40,12 +63,9 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         super().__init__(vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler,
                          feature_extractor=feature_extractor)
         self.register_modules(pose_encoder=pose_encoder)
-        self._injector = None
+        self._injector = None  # the UNet's control hook, kept between calls
+        self._owns_injector = False  # registered by this pipeline (not found on the UNet)
         self._do_classifier_free_guidance = True
-        self.control_calls = 0  # pose-encoder calls of the last run (at most one per step and window)
-        self.control_frames = 0  # frames those calls encoded
-        self.guided_steps = 0  # steps of the last run that ran the unconditional half too
-        self.cached_calls = 0  # UNet calls of the last run that reused deep features (DeepCache)
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -55,19 +75,21 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
 
     def detach_control(self) -> None:
         """Take the control hook off the UNet. It stays between calls (inactive), so a compiled UNet is not
-        traced again for every video; detach it before the UNet is used on its own, e.g. by a training loop."""
-        if self._injector is not None:
+        traced again for every video; detach it before the UNet is used on its own. A hook this pipeline found
+        on the UNet (a training loop's, for its validation samples) is left to its owner."""
+        if self._injector is not None and self._owns_injector:
             self._injector.remove()
-            self._injector = None
+        self._injector = None
 
     def _control_injector(self) -> ControlInjector | None:
         if self.pose_encoder is None:
             return None
-        config = self.pose_encoder.config
-        if self._injector is None or self._injector.site != config.injection_site:
-            if self._injector is not None:
-                self._injector.remove()
-            self._injector = ControlInjector(self.unet, config.injection_site, config.control_strength)
+        config = ControlConfig(self.pose_encoder.config.injection_site, self.pose_encoder.config.control_strength)
+        current = find_control(self.unet, config.site)
+        if self._injector is None or current is not self._injector or current.config != config:
+            self.detach_control()
+            self._owns_injector = find_control(self.unet, config.site) is None
+            self._injector = apply_control(self.unet, config)
         return self._injector
 
     @staticmethod
@@ -134,8 +156,8 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         if poses is not None and poses.shape[1] != num_frames:
             raise ValueError(f"got {poses.shape[1]} pose frames for {num_frames} video frames")
         decode_chunk_size = decode_chunk_size or num_frames
-        self._guidance_scale = max_guidance_scale
-        self._do_classifier_free_guidance = max(min_guidance_scale, max_guidance_scale) > 1
+        guidance = GuidancePolicy(min_guidance_scale, max_guidance_scale, guidance_interval)
+        self._do_classifier_free_guidance = guidance.enabled
         batch_size = 1
 
         # 2. Encode the reference image (CLIP embedding, noisy VAE latent) once for the whole video
@@ -159,51 +181,41 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         latents = self.prepare_latents(batch_size, num_frames, self.unet.config.in_channels, height, width,
                                        image_embeddings.dtype, device, generator, latents)
 
-        # 4. Windows, their fusion weights and per-position guidance
-        windows = plan_windows(num_frames, window_size or num_frames, window_overlap)
-        length = windows[0][1] - windows[0][0]
+        # 4. Windows and their fusion weights, per-frame guidance scales, the UNet's conditions
+        plan = WindowPlan.make(num_frames, window_size, window_overlap, fusion, reference_pose_in_every_window)
         # Fusion in fp32 whatever the model dtype: fp16 weights of three overlapping windows sum to 1 - 2.4e-4,
         # an error that compounds over the steps.
         fusion_dtype = torch.promote_types(latents.dtype, torch.float32)
-        weights = [torch.as_tensor(w, device=device, dtype=fusion_dtype).view(1, -1, 1, 1, 1)
-                   for w in fusion_weights(windows, num_frames, fusion, drop_first=reference_pose_in_every_window)]
-        guidance = torch.linspace(min_guidance_scale, max_guidance_scale, length, device=device, dtype=latents.dtype)
-        self._guidance_scale = guidance.view(1, length, *[1] * (latents.ndim - 2))  # per frame, broadcast
-        conditions = self._conditions(image_embeddings, image_latents, added_time_ids, length)
-        injector = self._control_injector()
-        deep_cache = DeepCache(self.unet, cache_interval).attach() if cache_interval > 1 else None
+        weights = [torch.as_tensor(w, device=device, dtype=fusion_dtype).view(1, -1, 1, 1, 1) for w in plan.weights]
+        self._guidance_scale = guidance.frame_scales(plan.length, latents.ndim, device, latents.dtype)
+        conditions = self._conditions(image_embeddings, image_latents, added_time_ids, plan.length)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        self.control_calls = self.control_frames = self.guided_steps = self.cached_calls = 0
+        counts = SamplingCounts()
 
         # 5. Denoising loop: each window's guided prediction, fused over the windows; one scheduler step per step
         # (for Euler, affine in the prediction, the same as stepping each window and fusing the latents)
         self._num_timesteps = len(timesteps)
+        injector = self._control_injector()
+        cache = apply_deep_cache(self.unet, DeepCacheConfig(cache_interval)) if cache_interval > 1 else None
         try:
-            with self.progress_bar(total=len(timesteps) * len(windows)) as progress_bar:
+            with self.progress_bar(total=len(timesteps) * len(plan)) as progress_bar:
                 for i, t in enumerate(timesteps):
-                    guided = self.do_classifier_free_guidance and guidance_applies(
-                        float(self.scheduler.sigmas[i]), guidance_interval)
-                    self.guided_steps += guided
-                    embeddings, window_image_latents, time_ids = conditions[guided]
+                    guided = guidance.guides(float(self.scheduler.sigmas[i]))
+                    counts.guided_steps += guided
                     scaled = self.scheduler.scale_model_input(latents, t)
                     prediction = torch.zeros_like(latents, dtype=fusion_dtype)
                     previous = {}  # this step's control features of the previous window, by frame
-                    for index, ((start, end), weight) in enumerate(zip(windows, weights)):
-                        window = scaled[:, start:end]
-                        cached = deep_cache is not None and deep_cache.prepare(index, i, (1 + guided) * length)
+                    for index, ((start, end), weight) in enumerate(zip(plan.windows, weights)):
+                        cached = cache is not None and cache.prepare(index, i, (1 + guided) * plan.length)
                         if injector is not None:
                             control = None
                             if not cached:  # (a cached step skips every block the control reaches)
-                                control, previous = self._window_control(poses, start, end, t,
-                                                                         reference_pose_in_every_window, previous)
+                                control, previous, encoded = self._window_control(
+                                    poses, start, end, t, reference_pose_in_every_window, previous)
+                                counts.control_calls += encoded > 0
+                                counts.control_frames += encoded
                             injector.set(control, control_scale)
-                        model_input = torch.cat([window] * 2) if guided else window
-                        model_input = torch.cat([model_input, window_image_latents], dim=2)
-                        noise_pred = self.unet(model_input, t, encoder_hidden_states=embeddings,
-                                               added_time_ids=time_ids, return_dict=False)[0]
-                        if guided:
-                            uncond, cond = noise_pred.chunk(2)
-                            noise_pred = uncond + self.guidance_scale * (cond - uncond)
+                        noise_pred = self._guided_prediction(scaled[:, start:end], t, conditions[guided], guided)
                         prediction[:, start:end] += weight * noise_pred.to(fusion_dtype)
                         progress_bar.update()
                     latents = self.scheduler.step(prediction, t, latents.to(fusion_dtype), **step_kwargs
@@ -215,9 +227,9 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         finally:
             if injector is not None:
                 injector.clear()
-            if deep_cache is not None:
-                self.cached_calls = deep_cache.cached_steps
-                deep_cache.detach()
+            if cache is not None:
+                counts.cached_calls = cache.cached_steps
+                remove_deep_cache(self.unet)
 
         # 6. Decode
         if output_type == "latent":
@@ -230,7 +242,20 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         self.maybe_free_model_hooks()
         if not return_dict:
             return frames
-        return StableVideoDiffusionPipelineOutput(frames=frames)
+        return ControlNeXtSVDPipelineOutput(frames=frames, counts=counts)
+
+    def _guided_prediction(self, window, t, condition, guided: bool) -> torch.Tensor:
+        """The UNet's prediction for one window: on the doubled batch, combined with the per-frame scales, when the
+        step is guided; on the conditional half alone otherwise."""
+        embeddings, image_latents, time_ids = condition
+        model_input = torch.cat([window] * 2) if guided else window
+        model_input = torch.cat([model_input, image_latents], dim=2)
+        noise_pred = self.unet(model_input, t, encoder_hidden_states=embeddings, added_time_ids=time_ids,
+                               return_dict=False)[0]
+        if not guided:
+            return noise_pred
+        uncond, cond = noise_pred.chunk(2)
+        return uncond + self.guidance_scale * (cond - uncond)
 
     def _conditions(self, image_embeddings, image_latents, added_time_ids, length: int) -> dict[bool, tuple]:
         """What conditions the UNet, by whether the step is guided: the doubled batch [unconditional, conditional]
@@ -244,11 +269,11 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         return {True: guided, False: tuple(tensor[-1:] for tensor in guided)}
 
     def _window_control(self, poses, start, end, t, reference_first, previous):
-        """The window's control features, and them by frame for the next window. Without temporal
-        layers each frame's features depend on that frame and `t` only, so frames shared with the
-        previous window (the overlap) are not encoded again."""
+        """The window's control features, them by frame for the next window, and how many frames were encoded.
+        Without temporal layers each frame's features depend on that frame and `t` only, so frames shared with
+        the previous window (the overlap) are not encoded again."""
         if poses is None:
-            return None, {}
+            return None, {}, 0
         frames = list(range(start, end))
         if reference_first and start > 0:
             frames[0] = 0
@@ -260,7 +285,5 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
             window = window.float() / 255.0 if window.dtype == torch.uint8 else window
             features = self.pose_encoder(window.to(self.pose_encoder.dtype), t)
             encoded = dict(zip(missing, features))
-            self.control_calls += 1
-            self.control_frames += len(missing)
         by_frame = {frame: encoded[frame] if frame in encoded else reuse[frame] for frame in frames}
-        return torch.stack([by_frame[frame] for frame in frames]), by_frame
+        return torch.stack([by_frame[frame] for frame in frames]), by_frame, len(missing)

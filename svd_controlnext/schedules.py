@@ -47,7 +47,3 @@ def make_scheduler(name: str, svd_config):
         sigma_schedule="karras", prediction_type="v_prediction", rho=7.0, solver_order=2,
         algorithm_type="sde-dpmsolver++" if name == "dpm++2m-sde" else "dpmsolver++", final_sigmas_type="zero")
 
-
-def guidance_applies(sigma: float, interval: tuple[float, float] | None) -> bool:
-    """Limited-interval guidance (Kynkäänniemi et al. 2024): guide only for σ in (low, high]; None: every step."""
-    return interval is None or interval[0] < sigma <= interval[1]

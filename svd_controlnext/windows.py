@@ -9,6 +9,8 @@ window after the first gives no weight to its position 0, the slot fed the refer
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from svd_common.errors import InvalidValue
@@ -65,3 +67,27 @@ def fusion_weights(windows: list[tuple[int, int]], num_frames: int, mode: str = 
         missing = np.flatnonzero(total <= 0).tolist()
         raise InvalidValue(f"frames {missing} are covered by no window")
     return [weights / total[start:end] for (start, end), weights in zip(windows, raw)]
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """The windows of one video and each one's fusion weights: what the sampling loop iterates over."""
+
+    windows: list[tuple[int, int]]
+    weights: list[np.ndarray]
+
+    @classmethod
+    def make(cls, num_frames: int, window: int | None, overlap: int = 0, fusion: str = "ramp",
+             drop_first: bool = False) -> "WindowPlan":
+        """`window=None`: one window over the whole video."""
+        windows = plan_windows(num_frames, window or num_frames, overlap)
+        return cls(windows, fusion_weights(windows, num_frames, fusion, drop_first))
+
+    @property
+    def length(self) -> int:
+        """Frames per window (all windows have the same length)."""
+        start, end = self.windows[0]
+        return end - start
+
+    def __len__(self) -> int:
+        return len(self.windows)

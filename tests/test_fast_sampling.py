@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from svd_controlnext.deep_cache import HOOK_NAME, DeepCache
+from svd_controlnext.deep_cache import HOOK_NAME, DeepCacheConfig, apply_deep_cache, remove_deep_cache, reuses_feature
+from svd_controlnext.guidance import GuidancePolicy, guidance_applies
 from svd_controlnext.pipeline import ControlNeXtSVDPipeline
-from svd_controlnext.schedules import ays_sigmas, guidance_applies, make_scheduler
+from svd_controlnext.schedules import ays_sigmas, make_scheduler
 from svd_controlnext.tiny import tiny_components, tiny_unet
 from tests.test_pipeline import call_kwargs, pose_frames, reference_image
 
@@ -25,10 +26,10 @@ def components():
 
 
 def run(components, **overrides):
+    """(the pipeline, the call's result: `.frames`, `.counts`)."""
     pipe = ControlNeXtSVDPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
-    frames = pipe(reference_image(), pose_frames(6), **call_kwargs(**{**WINDOWED, **overrides})).frames
-    return pipe, frames
+    return pipe, pipe(reference_image(), pose_frames(6), **call_kwargs(**{**WINDOWED, **overrides}))
 
 
 def svd_scheduler():
@@ -67,8 +68,8 @@ def test_ays_sigmas_reach_the_unet_as_svds_continuous_timesteps(components):
     scheduler = svd_scheduler()
     scheduler.set_timesteps(sigmas=ays_sigmas(10))
     np.testing.assert_allclose(scheduler.timesteps.numpy(), 0.25 * np.log(ays_sigmas(10)[:-1]), rtol=1e-6)
-    pipe, latents = run(components, sigmas=ays_sigmas(3), num_inference_steps=None)
-    assert torch.isfinite(latents).all() and pipe.scheduler.sigmas[0] == pytest.approx(700.0)
+    pipe, result = run(components, sigmas=ays_sigmas(3), num_inference_steps=None)
+    assert torch.isfinite(result.frames).all() and pipe.scheduler.sigmas[0] == pytest.approx(700.0)
 
 
 @pytest.mark.parametrize("name", ["dpm++2m", "dpm++2m-sde"])
@@ -85,9 +86,8 @@ def test_edm_dpm_solvers_see_svds_sigmas_timesteps_and_input_scale(name):
 
 def test_a_stochastic_scheduler_draws_its_noise_from_the_generator_once_per_step(components):
     parts = {**components, "scheduler": make_scheduler("dpm++2m-sde", components["scheduler"].config)}
-    _, first = run(parts)
-    _, again = run(parts)
-    _, other = run(parts, generator=torch.Generator().manual_seed(1))
+    first, again, other = (run(parts, **extra)[1].frames for extra in (
+        {}, {}, {"generator": torch.Generator().manual_seed(1)}))
     assert torch.equal(first, again) and not torch.allclose(first, other)
     assert torch.isfinite(first).all()
 
@@ -97,21 +97,31 @@ def test_guidance_interval_guides_only_inside_it():
     assert not guidance_applies(0.28, (0.28, 5.42)) and not guidance_applies(6.0, (0.28, 5.42))
 
 
+def test_guidance_policy_decides_once_which_steps_guide_and_scales_each_frame():
+    policy = GuidancePolicy(min_scale=1.0, max_scale=2.5, interval=(0.28, 5.42))
+    assert policy.enabled and policy.guides(5.42) and not policy.guides(0.28) and not policy.guides(6.0)
+    assert not GuidancePolicy(1.0, 1.0).enabled and not GuidancePolicy(1.0, 1.0).guides(3.0)
+    assert GuidancePolicy(0.5, 1.5).guides(3.0)  # a scale above 1 on some frame: guided, interval None: every step
+    scales = GuidancePolicy(1.0, 2.5).frame_scales(4, ndim=5)
+    assert scales.shape == (1, 4, 1, 1, 1)
+    torch.testing.assert_close(scales.flatten(), torch.tensor([1.0, 1.5, 2.0, 2.5]), rtol=1e-6, atol=1e-6)
+
+
 def test_limited_interval_guidance_runs_the_unconditional_half_only_inside_the_interval(components):
-    pipe, everywhere = run(components)
-    assert pipe.guided_steps == 4
-    pipe, wide = run(components, guidance_interval=(0.0, float("inf")))
-    assert pipe.guided_steps == 4 and torch.equal(wide, everywhere)
+    _, everywhere = run(components)
+    assert everywhere.counts.guided_steps == 4
+    _, wide = run(components, guidance_interval=(0.0, float("inf")))
+    assert wide.counts.guided_steps == 4 and torch.equal(wide.frames, everywhere.frames)
     # no step inside: every step is the conditional half alone, as with no guidance at all
-    pipe, never = run(components, guidance_interval=(1e6, 1e7))
-    assert pipe.guided_steps == 0
-    _, unguided = run(components, min_guidance_scale=1.0, max_guidance_scale=1.0)
-    torch.testing.assert_close(never, unguided, rtol=1e-6, atol=1e-6 * unguided.abs().max().item())
+    _, never = run(components, guidance_interval=(1e6, 1e7))
+    assert never.counts.guided_steps == 0
+    unguided = run(components, min_guidance_scale=1.0, max_guidance_scale=1.0)[1].frames
+    torch.testing.assert_close(never.frames, unguided, rtol=1e-6, atol=1e-6 * unguided.abs().max().item())
     sigmas = make_scheduler("euler", components["scheduler"].config)
     sigmas.set_timesteps(4)
     middle = (float(sigmas.sigmas[2]) - 1e-3, float(sigmas.sigmas[1]) + 1e-3)  # steps 1 and 2
-    pipe, limited = run(components, guidance_interval=middle)
-    assert pipe.guided_steps == 2 and not torch.allclose(limited, everywhere)
+    _, limited = run(components, guidance_interval=middle)
+    assert limited.counts.guided_steps == 2 and not torch.allclose(limited.frames, everywhere.frames)
 
 
 def unet_call_inputs(rows=2, frames=3):
@@ -120,19 +130,24 @@ def unet_call_inputs(rows=2, frames=3):
                 encoder_hidden_states=torch.randn(rows, 1, 32), added_time_ids=torch.randn(rows, 3))
 
 
+def deep_cache_hooks(unet) -> int:
+    return sum(HOOK_NAME in module._diffusers_hook.hooks for module in unet.modules()
+               if hasattr(module, "_diffusers_hook"))
+
+
 def test_deep_cache_full_steps_are_exact_and_detach_leaves_the_unet_as_it_was():
     unet = tiny_unet().eval()
     inputs = unet_call_inputs()
     with torch.no_grad():
         plain = unet(**inputs).sample
-        cache = DeepCache(unet, interval=1).attach()
+        cache = apply_deep_cache(unet, DeepCacheConfig(interval=1))
+        assert deep_cache_hooks(unet) == len(unet.down_blocks) + len(unet.up_blocks) - 1  # down 1:, mid, up :-1
         assert not cache.prepare("window", step=3, rows=6)  # interval 1: every step is a full one
         hooked = unet(**inputs).sample
-        cache.detach()
+        remove_deep_cache(unet)
         after = unet(**inputs).sample
     assert torch.equal(hooked, plain) and torch.equal(after, plain)
-    assert all(not getattr(m, "_diffusers_hook", None) or HOOK_NAME not in m._diffusers_hook.hooks
-               for m in unet.modules())
+    assert deep_cache_hooks(unet) == 0
 
 
 def test_a_cached_step_reuses_the_deep_feature_and_a_guided_one_serves_the_conditional_half():
@@ -140,7 +155,7 @@ def test_a_cached_step_reuses_the_deep_feature_and_a_guided_one_serves_the_condi
     guided, later = unet_call_inputs(rows=2), unet_call_inputs(rows=1)
     later["timestep"] = 0.9
     with torch.no_grad():
-        cache = DeepCache(unet, interval=2).attach()
+        cache = apply_deep_cache(unet, DeepCacheConfig(interval=2))
         calls = []
         handle = unet.mid_block.resnets[0].register_forward_hook(lambda *args: calls.append(1))  # deep: runs or not
         assert not cache.prepare(0, step=0, rows=6)
@@ -151,22 +166,31 @@ def test_a_cached_step_reuses_the_deep_feature_and_a_guided_one_serves_the_condi
         assert len(calls) == 1  # the deep blocks did not run
         assert not cache.prepare(0, step=1, rows=12)  # more rows than were kept: a full step
         handle.remove()
-        cache.detach()
+        remove_deep_cache(unet)
         full = unet(**later).sample
     assert cached.shape == full.shape and torch.isfinite(cached).all() and not torch.equal(cached, full)
 
 
+def test_the_cache_policy_reuses_on_steps_between_full_ones_when_the_kept_rows_cover_the_call():
+    assert [reuses_feature(step, 3, 6, 6) for step in range(7)] == [False, True, True, False, True, True, False]
+    assert reuses_feature(1, 2, 12, 6)  # a guided full step's feature serves an unguided call (its conditional half)
+    assert not reuses_feature(1, 2, 6, 12)  # an unguided feature cannot serve a guided call
+    assert not reuses_feature(1, 2, None, 6)  # nothing kept for this window yet
+    assert not reuses_feature(5, 1, 6, 6)  # interval 1: every step is a full one
+    with pytest.raises(ValueError, match="cache interval must be at least 1, got 0"):
+        DeepCacheConfig(interval=0)
+
+
 def test_deep_cache_in_the_pipeline_skips_the_encoder_on_cached_steps_and_detaches(components):
-    pipe, uncached = run(components)
-    encoder_calls = pipe.control_calls
+    _, uncached = run(components)
     pipe, cached = run(components, cache_interval=2)
-    assert pipe.cached_calls == 2 * 2  # steps 1 and 3, in both windows
-    assert pipe.control_calls == encoder_calls // 2
-    assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in pipe.unet.modules())
-    difference = (cached - uncached).abs()
-    assert torch.isfinite(cached).all() and 0 < difference.max() <= uncached.abs().max()
+    assert (uncached.counts.cached_calls, cached.counts.cached_calls) == (0, 2 * 2)  # steps 1 and 3, both windows
+    assert cached.counts.control_calls == uncached.counts.control_calls // 2
+    assert deep_cache_hooks(pipe.unet) == 0
+    difference = (cached.frames - uncached.frames).abs()
+    assert torch.isfinite(cached.frames).all() and 0 < difference.max() <= uncached.frames.abs().max()
     _, every_step = run(components, cache_interval=1)
-    assert torch.equal(every_step, uncached)
+    assert torch.equal(every_step.frames, uncached.frames)
 
 
 # ---- the application: options, --fast, the fast preset --------------------------------------------------------
@@ -219,19 +243,25 @@ def test_fast_run_end_to_end_on_the_tiny_preset(tmp_path, capsys, monkeypatch):
     poses = tmp_path / "poses.npz"
     PoseSequence.stack([make_pose({0: (0.5, 0.3), 1: (0.5, 0.4)})] * 3, 64, 64, fps=5).save(poses)
     seen = {}
-    original = Animator.pipeline
+    original, call = Animator.pipeline, ControlNeXtSVDPipeline.__call__
 
     def spy(self):
         pipe = original(self)
         seen["pipe"] = pipe
         return pipe
 
+    def recording(self, *args, **kwargs):
+        result = call(self, *args, **kwargs)
+        seen["counts"] = result.counts
+        return result
+
     monkeypatch.setattr(Animator, "pipeline", spy)
+    monkeypatch.setattr(ControlNeXtSVDPipeline, "__call__", recording)
     common = ["-q", "--ref", ref, "--pose", poses, "--preset", "tiny", "-o"]
     assert cli.main([*map(str, common), str(tmp_path / "fast.mp4"), "--fast", "--steps", "4"]) == 0
     pipe = seen["pipe"]
     assert len(pipe.scheduler.sigmas) == 5 and float(pipe.scheduler.sigmas[0]) == pytest.approx(700.0)
-    assert pipe.cached_calls == 2 and pipe.guided_steps < 4
+    assert seen["counts"].cached_calls == 2 and seen["counts"].guided_steps < 4
     assert cli.main([*map(str, common), str(tmp_path / "dpm.mp4"), "--scheduler", "dpm++2m-sde"]) == 0
     assert type(seen["pipe"].scheduler).__name__ == "EDMDPMSolverMultistepScheduler"
     assert "3 frames" in capsys.readouterr().out

@@ -2,7 +2,10 @@ import pytest
 import torch
 
 from svd_controlnext.cross_norm import cross_normalize
-from svd_controlnext.injection import ControlInjector, add_control, inject_control
+from diffusers.hooks import HookRegistry
+
+from svd_controlnext.injection import (CONTROL_HOOK, ControlConfig, ControlInjector, add_control, apply_control,
+                                       inject_control)
 from svd_controlnext.tiny import tiny_components, tiny_pose_encoder, tiny_unet
 
 FRAMES = 3
@@ -58,20 +61,15 @@ def test_down_block_site_changes_main_path_only(unet):
 
 @torch.no_grad()
 def test_mid_block_site(unet):
+    """The control reaches the mid block's first resnet: what the block computes on is `hidden + control`."""
     control = control_for("mid_block")
     seen = {}
-
-    def grab(module, args, kwargs):
-        seen["input"] = kwargs["hidden_states"]
-
-    handle = unet.mid_block.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = unet.mid_block.resnets[0].register_forward_pre_hook(lambda module, args: seen.update(input=args[0]))
     unet(**unet_inputs())
     plain = seen["input"]
-    handle.remove()
     with inject_control(unet, control, scale=1.0, site="mid_block", strength=1.0):
-        handle = unet.mid_block.register_forward_pre_hook(grab, with_kwargs=True)
         unet(**unet_inputs())
-        handle.remove()
+    handle.remove()
     torch.testing.assert_close(seen["input"], plain + cross_normalize(control, plain))
 
 
@@ -106,8 +104,30 @@ def test_scale_zero_and_cleared_injector_change_nothing(unet):
 def test_mismatched_rows_and_unknown_site(unet):
     with pytest.raises(ValueError, match="do not fit a UNet batch"):
         add_control(torch.zeros(6, 4, 2, 2), torch.zeros(4, 4, 2, 2), 0.2)
-    with pytest.raises(ValueError, match="unknown injection site"):
+    with pytest.raises(ValueError, match="unknown injection site 'conv_in'; choose one of"):
         ControlInjector(unet, site="conv_in")
+    with pytest.raises(ValueError, match="unknown injection site"):
+        ControlConfig(site="up_blocks.0")
+
+
+def test_apply_control_is_one_hook_per_model(unet):
+    """A second `apply_control` with the same config returns the hook already there (a training loop's, used by
+    its validation pipeline); another strength at the same site is refused; `remove` leaves no hook."""
+    registry = HookRegistry.check_if_exists_or_initialize(unet.down_blocks[0])
+    first = apply_control(unet, ControlConfig("down_blocks.0", 0.2))
+    try:
+        assert apply_control(unet, ControlConfig("down_blocks.0", 0.2)) is first
+        assert registry.get_hook(CONTROL_HOOK).injector is first
+        with pytest.raises(ValueError, match="already has a control hook"):
+            apply_control(unet, ControlConfig("down_blocks.0", 1.0))
+    finally:
+        first.remove()
+    assert registry.get_hook(CONTROL_HOOK) is None
+    second = ControlInjector(unet)
+    first.remove()  # an injector removed once does not take off the hook registered since
+    assert registry.get_hook(CONTROL_HOOK).injector is second
+    second.remove()
+    assert registry.get_hook(CONTROL_HOOK) is None
 
 
 @torch.no_grad()

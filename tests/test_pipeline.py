@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableVideoDiffusionPipeline
+from diffusers.hooks import HookRegistry
 
+from svd_controlnext.injection import CONTROL_HOOK
 from svd_controlnext.pipeline import ControlNeXtSVDPipeline
 from svd_controlnext.tiny import tiny_components
 
@@ -53,8 +55,9 @@ def test_without_control_equals_diffusers_svd(components):
 def test_control_scale_really_scales_and_encoder_runs_once_per_step(components):
     pipe = ControlNeXtSVDPipeline(**components)
     plain = pipe(reference_image(), **call_kwargs(output_type="latent")).frames
-    weak = pipe(reference_image(), pose_frames(), control_scale=0.5, **call_kwargs(output_type="latent")).frames
-    assert pipe.control_calls == STEPS  # one window: once per step, on the conditional frames only
+    result = pipe(reference_image(), pose_frames(), control_scale=0.5, **call_kwargs(output_type="latent"))
+    weak = result.frames
+    assert result.counts.control_calls == STEPS  # one window: once per step, on the conditional frames only
     strong = pipe(reference_image(), pose_frames(), control_scale=2.0, **call_kwargs(output_type="latent")).frames
     assert not torch.allclose(weak, plain) and not torch.allclose(weak, strong)
     assert (strong - plain).abs().mean() > (weak - plain).abs().mean()
@@ -63,11 +66,12 @@ def test_control_scale_really_scales_and_encoder_runs_once_per_step(components):
 
 def test_windows_cover_a_longer_video(components):
     pipe = ControlNeXtSVDPipeline(**components)
-    frames = pipe(reference_image(), pose_frames(7), window_size=4, window_overlap=2,
-                  **call_kwargs(num_frames=7, output_type="np")).frames
+    result = pipe(reference_image(), pose_frames(7), window_size=4, window_overlap=2,
+                  **call_kwargs(num_frames=7, output_type="np"))
+    frames = result.frames
     assert frames.shape == (1, 7, SIZE, SIZE, 3) and np.isfinite(frames).all()
-    assert pipe.control_calls == STEPS * 3  # windows (0,4) (2,6) (3,7)
-    assert pipe.control_frames == STEPS * 7  # 4 + 2 + 1: overlapping frames are encoded once per step
+    assert result.counts.control_calls == STEPS * 3  # windows (0,4) (2,6) (3,7)
+    assert result.counts.control_frames == STEPS * 7  # 4 + 2 + 1: overlapping frames are encoded once per step
     published = pipe(reference_image(), pose_frames(7), window_size=4, window_overlap=2, fusion="uniform",
                      reference_pose_in_every_window=True, **call_kwargs(num_frames=7, output_type="np")).frames
     assert published.shape == frames.shape and not np.allclose(published, frames)
@@ -94,8 +98,8 @@ def test_plain_svd_folder_plus_a_pose_encoder(components, tmp_path):
     StableVideoDiffusionPipeline(**parts).save_pretrained(tmp_path / "svd")
     pipe = ControlNeXtSVDPipeline.from_pretrained(tmp_path / "svd", pose_encoder=components["pose_encoder"])
     assert pipe.pose_encoder is components["pose_encoder"]
-    latents = pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent")).frames
-    assert latents.shape == (1, FRAMES, 4, SIZE // 2, SIZE // 2) and pipe.control_calls == STEPS
+    result = pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent"))
+    assert result.frames.shape == (1, FRAMES, 4, SIZE // 2, SIZE // 2) and result.counts.control_calls == STEPS
 
 
 def test_uint8_frames_equal_float_frames(components):
@@ -116,10 +120,11 @@ def test_model_cpu_offload_gives_the_same_frames(components):
     pipe = ControlNeXtSVDPipeline(**tiny_components())
     pipe.enable_model_cpu_offload(device="cpu")  # the same hooks as on a GPU, with the CPU as accelerator
     try:
-        offloaded = pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent")).frames
+        result = pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent"))
     finally:
         pipe.remove_all_hooks()
-    assert pipe.control_calls == STEPS
+    offloaded = result.frames
+    assert result.counts.control_calls == STEPS
     torch.testing.assert_close(offloaded, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
 
 
@@ -136,8 +141,9 @@ def test_sequential_offload_gives_the_same_frames(components):
     for name in ("unet", "pose_encoder", "vae"):
         cpu_offload(getattr(pipe, name), execution_device=torch.device("cpu"))
     assert {p.device.type for p in pipe.unet.parameters()} == {"meta"}
-    offloaded = pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent")).frames
-    assert pipe.control_calls == STEPS
+    result = pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent"))
+    offloaded = result.frames
+    assert result.counts.control_calls == STEPS
     torch.testing.assert_close(offloaded, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
 
 
@@ -154,8 +160,9 @@ def test_compiled_unet_has_no_graph_break_and_no_recompile():
     counters.clear()
     pipe.unet.compile(backend="eager", fullgraph=True)
     kwargs["generator"] = torch.Generator().manual_seed(0)
-    compiled = pipe(reference_image(), pose_frames(6), **kwargs).frames
-    assert pipe.control_calls == STEPS * 2
+    result = pipe(reference_image(), pose_frames(6), **kwargs)
+    compiled = result.frames
+    assert result.counts.control_calls == STEPS * 2
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
     torch.testing.assert_close(compiled, expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
     torch._dynamo.reset()
@@ -170,11 +177,12 @@ def test_overlap_features_reused_equal_encoding_every_window(components):
     temporal.load_state_dict(components["pose_encoder"].state_dict(), strict=False)
     kwargs = dict(window_size=4, window_overlap=2, **call_kwargs(num_frames=7, output_type="latent"))
     reused = ControlNeXtSVDPipeline(**components)
-    once = reused(reference_image(), pose_frames(7), **kwargs).frames
+    once = reused(reference_image(), pose_frames(7), **kwargs)
     kwargs["generator"] = torch.Generator().manual_seed(0)
     every = ControlNeXtSVDPipeline(**{**components, "pose_encoder": temporal})
-    full = every(reference_image(), pose_frames(7), **kwargs).frames
-    assert (reused.control_frames, every.control_frames) == (STEPS * 7, STEPS * 12)
+    full = every(reference_image(), pose_frames(7), **kwargs)
+    assert (once.counts.control_frames, full.counts.control_frames) == (STEPS * 7, STEPS * 12)
+    once, full = once.frames, full.frames
     # Same arithmetic on batches of other shapes: float32 rounding only, which differs between CPUs
     # (1.0e-5 seen on one); a bound relative to the latents' size holds on any of them.
     tolerance = 1e-5 * (1 + once.abs().max().item())
@@ -231,12 +239,34 @@ def test_guidance_batch_decided_from_the_scales(components, max_guidance, unet_b
     assert pipe.do_classifier_free_guidance is (unet_batch == 2)
 
 
+def control_hook(unet):
+    return HookRegistry.check_if_exists_or_initialize(unet.down_blocks[0]).get_hook(CONTROL_HOOK)
+
+
 def test_detach_control_leaves_the_plain_unet():
     components = tiny_components()
-    hooks = components["unet"].down_blocks[0]._forward_hooks
     pipe = ControlNeXtSVDPipeline(**components)
     pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent"))
-    assert len(hooks) == 1  # kept between calls (inactive), so a compiled UNet is not traced again
+    assert control_hook(pipe.unet) is not None  # kept between calls (inactive), so a compiled UNet is not traced again
     pipe.detach_control()
-    assert len(hooks) == 0
+    assert control_hook(pipe.unet) is None
     pipe.detach_control()  # twice is harmless
+
+
+def test_a_training_loops_control_hook_is_shared_and_kept():
+    """A validation pipeline on a UNet that already has the control hook (a training loop's) uses that one hook,
+    leaves it inactive, and does not take it off when detached."""
+    from svd_controlnext.injection import ControlInjector
+
+    expected = ControlNeXtSVDPipeline(**tiny_components())(reference_image(), pose_frames(),
+                                                           **call_kwargs(output_type="latent")).frames
+    components = tiny_components()
+    config = components["pose_encoder"].config
+    training = ControlInjector(components["unet"], config.injection_site, config.control_strength)
+    pipe = ControlNeXtSVDPipeline(**components)
+    result = pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent"))
+    assert result.counts.control_calls == STEPS and pipe._injector is training and not training.active
+    torch.testing.assert_close(result.frames, expected, rtol=0, atol=0)  # the control went through that hook
+    pipe.detach_control()
+    assert control_hook(pipe.unet).injector is training
+    training.remove()

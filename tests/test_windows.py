@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from svd_controlnext.windows import fusion_weights, plan_windows, position_weights
+from svd_controlnext.windows import WindowPlan, fusion_weights, plan_windows, position_weights
 
 
 def test_published_plan_examples():
@@ -71,3 +71,14 @@ def test_bad_plans_are_user_errors_the_cli_prints_in_one_line():
         plan_windows(10, 24, 30)
     assert isinstance(info.value, ValueError) and isinstance(info.value, UserError)
     assert str(info.value) == "overlap must be in [0, window), got 30 for window 24"
+
+
+def test_window_plan_holds_the_windows_and_their_weights():
+    plan = WindowPlan.make(6, 4, overlap=2, fusion="ramp")
+    assert plan.windows == [(0, 4), (2, 6)] and len(plan) == 2 and plan.length == 4
+    # Frame 2: position 2 of window 1 (ramp weight 2) and position 0 of window 2 (weight 1), as above.
+    np.testing.assert_allclose(plan.weights[0], [1, 1, 2 / 3, 1 / 3])
+    np.testing.assert_allclose(plan.weights[1], [1 / 3, 2 / 3, 1, 1])
+    whole = WindowPlan.make(5, None)  # no window size: one window over the video, every weight 1
+    assert whole.windows == [(0, 5)] and whole.length == 5
+    np.testing.assert_array_equal(whole.weights[0], np.ones(5))
