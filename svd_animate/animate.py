@@ -97,7 +97,10 @@ def prepare_pipeline(pipe, device: str, offload: str = "none", *, low_vram: bool
         # activations of a full-size step (3.2 of its 7.9 GiB at 576x1024 fp16, bench/memory.py).
         pipe.unet.enable_forward_chunking()
     if compile:
-        pipe.unet.compile(backend=compile_backend)  # in place: the control hook is traced with it, no graph break
+        # In place, so the hooks (control, DeepCache) are traced with the UNet, with no graph break: one graph per
+        # kind of call (full or cached, guided or not), none per window or step; the decoder: one per chunk length.
+        pipe.unet.compile(backend=compile_backend)
+        pipe.vae.decoder.compile(backend=compile_backend)
 
 
 def load_published_pipeline(config: AnimateConfig, weights: Path | None, dtype: torch.dtype):

@@ -45,32 +45,54 @@ def reuses_feature(step: int, interval: int, kept_rows: int | None, rows: int) -
 
 
 class DeepCache:
-    """Per-call state: which window the next UNet call is for, and whether it reuses that window's feature.
-    Features are kept per window (windows hold different frames)."""
+    """The state the hooks read: whether the next UNet call reuses a kept feature (`reuse`, and the feature itself,
+    `current`), and the feature a full call kept (`latest`). Features are kept per window (windows hold different
+    frames) by `prepare`, outside the UNet, so a compiled UNet sees only a flag and tensors: it is traced once per
+    kind of call (full or cached, guided or not), never per window or step."""
 
     def __init__(self, config: DeepCacheConfig):
+        self.start(config)
+
+    def start(self, config: DeepCacheConfig) -> None:
+        """A new sampling call: nothing kept yet."""
         self.config = config
+        self.enabled = True
         self.features: dict[object, torch.Tensor] = {}
         self.reuse = False
+        self.current: torch.Tensor | None = None
+        self.latest: torch.Tensor | None = None
         self.key = None
-        self.rows = 0
         self.cached_steps = 0
 
     def prepare(self, key, step: int, rows: int) -> bool:
         """Before the UNet call for window `key` at `step` on a batch of `rows`: returns whether it is cached."""
+        self._keep_latest()
         kept = self.features.get(key)
-        self.key, self.rows = key, rows
+        self.key = key
         self.reuse = reuses_feature(step, self.config.interval, None if kept is None else kept.shape[0], rows)
+        self.current = (kept if kept.shape[0] == rows else kept[rows:]) if self.reuse else None  # [uncond, cond]
         self.cached_steps += self.reuse
         return self.reuse
 
-    def kept_feature(self) -> torch.Tensor:
-        kept = self.features[self.key]
-        return kept if kept.shape[0] == self.rows else kept[self.rows:]  # rows are [unconditional, conditional]
+    def finish(self) -> None:
+        """The call is over: the hooks pass through (and keep nothing) until the next `start`."""
+        self.start(self.config)
+        self.enabled = False
+
+    def _keep_latest(self) -> None:
+        if self.latest is not None:
+            self.features[self.key] = self.latest
+            self.latest = None
 
 
 def apply_deep_cache(unet, config: DeepCacheConfig) -> DeepCache:
-    """Register DeepCache's hooks on the UNet's blocks; returns the state the sampling loop prepares each call with."""
+    """DeepCache's hooks on the UNet's blocks, registered once per UNet and kept (between calls they pass through):
+    registering hooks replaces the blocks' forwards, which a compiled UNet would have to trace again. Returns the
+    state, started for a new call, that the sampling loop prepares each UNet call with (`finish` it after)."""
+    keep = HookRegistry.check_if_exists_or_initialize(unet.up_blocks[-2]).get_hook(HOOK_NAME)
+    if keep is not None:
+        keep.cache.start(config)
+        return keep.cache
     cache = DeepCache(config)
     down, up = unet.down_blocks, unet.up_blocks
     for block in down[1:]:
@@ -116,7 +138,8 @@ class _Keep(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         if self.cache.reuse:
-            return self.cache.kept_feature()
+            return self.cache.current
         output = self.fn_ref.original_forward(*args, **kwargs)
-        self.cache.features[self.cache.key] = output
+        if self.cache.enabled:
+            self.cache.latest = output
         return output

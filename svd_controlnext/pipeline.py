@@ -30,7 +30,7 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from .deep_cache import DeepCacheConfig, apply_deep_cache, remove_deep_cache
+from .deep_cache import DeepCacheConfig, apply_deep_cache
 from .encoder import PoseEncoder
 from .guidance import GuidancePolicy
 from .injection import ControlConfig, ControlInjector, apply_control, find_control
@@ -229,7 +229,7 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
                 injector.clear()
             if cache is not None:
                 counts.cached_calls = cache.cached_steps
-                remove_deep_cache(self.unet)
+                cache.finish()
 
         # 6. Decode
         if output_type == "latent":

@@ -181,16 +181,26 @@ def test_the_cache_policy_reuses_on_steps_between_full_ones_when_the_kept_rows_c
         DeepCacheConfig(interval=0)
 
 
-def test_deep_cache_in_the_pipeline_skips_the_encoder_on_cached_steps_and_detaches(components):
+def test_deep_cache_in_the_pipeline_skips_the_encoder_on_cached_steps_and_passes_through_after(components):
     _, uncached = run(components)
     pipe, cached = run(components, cache_interval=2)
     assert (uncached.counts.cached_calls, cached.counts.cached_calls) == (0, 2 * 2)  # steps 1 and 3, both windows
     assert cached.counts.control_calls == uncached.counts.control_calls // 2
-    assert deep_cache_hooks(pipe.unet) == 0
     difference = (cached.frames - uncached.frames).abs()
     assert torch.isfinite(cached.frames).all() and 0 < difference.max() <= uncached.frames.abs().max()
     _, every_step = run(components, cache_interval=1)
     assert torch.equal(every_step.frames, uncached.frames)
+    # The hooks stay (a compiled UNet is not traced again), passing through and keeping nothing between calls; the
+    # next cached call starts afresh.
+    hooks = deep_cache_hooks(pipe.unet)
+    state = apply_deep_cache(pipe.unet, DeepCacheConfig(2))
+    assert hooks == len(pipe.unet.down_blocks) + len(pipe.unet.up_blocks) - 1 and deep_cache_hooks(pipe.unet) == hooks
+    state.finish()
+    assert not state.enabled and not state.features and state.latest is None
+    plain = pipe(reference_image(), pose_frames(6), **call_kwargs(**WINDOWED))
+    assert torch.equal(plain.frames, uncached.frames) and state.latest is None
+    again = pipe(reference_image(), pose_frames(6), **call_kwargs(**WINDOWED, cache_interval=2))
+    assert torch.equal(again.frames, cached.frames) and again.counts.cached_calls == 4
 
 
 # ---- the application: options, --fast, the fast preset --------------------------------------------------------
