@@ -13,7 +13,7 @@ DEMO_VIDEO ?= $(DATA)/driving_controlnext_v2_01.mp4
 DEMO_REF ?= $(DATA)/ref_controlnext_v2_01.jpeg
 DEMO_OUT ?= demo
 
-.PHONY: demo ui test bench clean
+.PHONY: demo ui test test-fast bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ ui: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the quick subset: every module's unit tests, without the tests marked slow in tests/conftest.py
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
 	$(BIN)/python bench/pose.py

@@ -232,7 +232,7 @@ def run_train(args) -> int:
 
     from svd_animate.train.config import load_train_config
 
-    config = load_train_config(args.config).replace(**train_config_fields(vars(args))).check()
+    config = load_train_config(args.config).with_given(**train_config_fields(vars(args))).check()
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from svd_animate.launch import launch_processes
 

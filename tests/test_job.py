@@ -103,7 +103,7 @@ def test_train_flags_reach_the_config_by_their_field_names(tmp_path):
                                           "--learning-rate", "0.0003", "--trainable", "lora", "--seed", "5"])
     fields = train_config_fields(vars(args))
     assert fields["data"] == str(tmp_path) and fields["output_dir"] is None  # a folder as its text; None: not given
-    config = load_train_config("tiny").replace(**fields)
+    config = load_train_config("tiny").with_given(**fields)
     assert (config.data, config.max_steps, config.learning_rate, config.trainable, config.seed) == (
         str(tmp_path), 3, 3e-4, "lora", 5)
     assert config.mixed_precision == load_train_config("tiny").mixed_precision

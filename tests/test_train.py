@@ -65,6 +65,16 @@ def test_samples_shapes_reference_frame_and_determinism(dataset):
         dataset, 4, 2, 64, 64, seed=3).choose_frames(i) for i in range(3)]
 
 
+def test_a_sample_starts_anywhere_its_frames_fit(dataset):
+    """8-frame clips, 4 frames 2 apart (span 7): starts 0 and 1 both drawn, none later. (Published: starts
+    0 to 8 - 4 x 2 = 0 only.)"""
+    data = PoseVideoDataset(dataset, num_frames=4, interval=2, width=64, height=64)
+    starts = set()
+    for data.epoch in range(30):
+        starts.update(data.choose_frames(i)[1] - 2 for i in range(len(data)))
+    assert starts == {0, 1}
+
+
 def test_training_framing_at_the_centre_is_inference_framing():
     """Cut at the centre, the training crop is what inference frames: `crop_reference`'s pixels and
     `crop_poses`'s coordinates. A 150x100 frame trained at 64x64: scaled by 0.64 to 96x64, cut at x = 16."""
@@ -260,6 +270,45 @@ def test_lr_is_constant_by_default_as_published():
         TrainConfig(data="d", warmup_steps=-1).check()
 
 
+def test_time_ids_and_clipping_default_to_the_published_values():
+    """train_svd.py tells the UNet (fps 6, motion bucket 127, noise 0.02) and adds that noise to the reference;
+    its run clips the gradient norm at 1.0 (DeepSpeed's `gradient_clipping: 1.0`)."""
+    for config in (TrainConfig(), load_train_config("controlnext-svd-v2")):
+        assert torch.equal(trainer_module.added_time_ids(config, 2), torch.tensor([[6.0, 127.0, 0.02]] * 2))
+        assert config.max_grad_norm == 1.0
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"fps_id": 0}, "fps_id must be at least 1, got 0"),
+    ({"motion_bucket_id": -1}, "motion_bucket_id must be 0 or more, got -1"),
+    ({"noise_aug_strength": -0.5}, "noise_aug_strength must be 0 or more, got -0.5"),
+])
+def test_bad_time_ids_refused(changes, message):
+    with pytest.raises(InputError, match=message):
+        TrainConfig(data="d", **changes).check()
+
+
+def test_configured_time_ids_reach_the_unet_and_the_reference_noise(dataset):
+    """A config's fps_id, motion bucket and noise augmentation are what the UNet is told, and the noise
+    augmentation is the std of the noise added to the reference before the VAE encodes it."""
+    from svd_controlnext.tiny import tiny_components
+
+    config = tiny_config(dataset, "unused", fps_id=13, motion_bucket_id=200, noise_aug_strength=0.5)
+    parts = tiny_components(0)
+    unet, encoder = parts["unet"], parts["pose_encoder"]
+    batch = torch.utils.data.default_collate([PoseVideoDataset(dataset, 4, 1, 64, 64)[0]])
+    time_ids, encoded = [], []
+    unet.register_forward_pre_hook(lambda module, args: time_ids.append(args[3]))
+    parts["vae"].encoder.register_forward_pre_hook(lambda module, args: encoded.append(args[0]))
+    injector = ControlInjector(unet, encoder.config.injection_site, encoder.config.control_strength)
+    with torch.no_grad():
+        training_loss(batch, parts, unet, encoder, injector, config, torch.Generator().manual_seed(0))
+    injector.remove()
+    assert torch.equal(time_ids[0], torch.tensor([[12.0, 200.0, 0.5]]))
+    added = encoded[1] - batch["reference"]  # the second encoding is the reference's
+    assert added.std().item() == pytest.approx(0.5, rel=0.05)
+
+
 # ---- training ------------------------------------------------------------------------------------
 
 def fixed_batch_loss(encoder, unet, dataset) -> float:
@@ -385,10 +434,16 @@ def test_bad_resumes(dataset, tmp_path):
         train(tiny_config(dataset, tmp_path / "run", learning_rate=0.5), resume="latest", progress=False)
     state_file = tmp_path / "run" / "checkpoints" / "step-000002" / "trainer.json"
     state = json.loads(state_file.read_text())
-    del state["config"]["unet_weights"]  # a checkpoint from before that key existed
-    state_file.write_text(json.dumps({**state, "fingerprint": "older"}))
+    older = {**state, "fingerprint": "older", "config": dict(state["config"])}
+    del older["config"]["unet_weights"]  # a checkpoint from before that key existed; this run's is not the default
+    state_file.write_text(json.dumps(older))
     with pytest.raises(InputError, match=r"\(differs in: unet_weights\)"):
         train(tiny_config(dataset, tmp_path / "run"), resume="latest", progress=False)
+    for key in ("fps_id", "motion_bucket_id", "noise_aug_strength"):  # keys once constants, at their defaults
+        del state["config"][key]
+    state_file.write_text(json.dumps({**state, "fingerprint": "older"}))
+    resumed = train(tiny_config(dataset, tmp_path / "run", max_steps=3), resume="latest", progress=False)
+    assert resumed.steps == 3
     with pytest.raises(InputError, match="not a checkpoint folder"):
         train(tiny_config(dataset, tmp_path / "run"), resume=str(tmp_path), progress=False)
 

@@ -220,7 +220,7 @@ def test_cancel_stops_the_job_and_leaves_no_file(page, server, shared_data):
     set_option(page, "max_frames", "8")
     set_option(page, "steps", str(ENDLESS))
     page.click("#animate")
-    page.wait_for_function("() => document.body.innerText.includes('sampling (steps × windows)')")  # the progress, in the page
+    page.wait_for_function("() => document.body.innerText.includes('sampling (steps)')")  # the progress, in the page
     page.click("#cancel")
     text = wait_for_status(page, "Cancelled", "Animation:", "Error", timeout=60_000)
     assert text == "Cancelled: the job was stopped and nothing was written."
@@ -243,7 +243,7 @@ def test_a_second_visitor_sees_their_place_in_the_queue(browser, server, shared_
     try:
         set_option(first, "steps", str(ENDLESS))
         first.click("#animate")
-        first.wait_for_function("() => document.body.innerText.includes('sampling (steps × windows)')")
+        first.wait_for_function("() => document.body.innerText.includes('sampling (steps)')")
         second.click("#show-poses")
         second.wait_for_function("() => /queue: *1\\/1/.test(document.body.innerText)")
         first.click("#cancel")

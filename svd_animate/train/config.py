@@ -47,8 +47,9 @@ class TrainConfig:
     width: int = 576
     height: int = 1024
     num_workers: int = 2
-    # Optimisation (published: AdamW 1e-5, constant LR with no warm-up, bf16, gradient checkpointing; its
-    # train_svd.py has its own gradient clipping commented out, and the DeepSpeed config it uses is not published)
+    # Optimisation (published: AdamW 1e-5, constant LR with no warm-up, bf16, gradient checkpointing, gradient
+    # norm clipped at 1.0: script.sh launches train_svd.py with deepspeed.yaml, whose `gradient_clipping: 1.0`
+    # DeepSpeed applies; the clip call commented out in train_svd.py changes nothing)
     learning_rate: float = 1e-5
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -61,11 +62,19 @@ class TrainConfig:
     max_steps: int = 3000
     batch_size: int = 1
     gradient_accumulation: int = 1
+    # Gradient norm clipped at this, as published; under DeepSpeed, its own config's `gradient_clipping` applies
+    # instead (accelerate leaves clipping to DeepSpeed; 1.0 in configs/accelerate/deepspeed_zero2.yaml)
     max_grad_norm: float = 1.0
     mixed_precision: str = "bf16"
     gradient_checkpointing: bool = True
     ema: bool = False
     ema_decay: float = 0.9999
+    # SVD's micro-conditioning, told to the UNet (added_time_ids) as train_svd.py tells it: fps_id - 1 = 6, motion
+    # bucket 127, and the noise added to the reference before encoding (0.02). Same keys as the inference config
+    # (svd_animate/config.py), which conditions on motion bucket 128, as the published pipeline does.
+    fps_id: int = 7  # the UNet sees fps_id - 1
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02  # std of the noise added to the reference image, and its time id
     # Objective (published)
     sigma_min: float = SigmaDistribution.sigma_min
     sigma_max: float = SigmaDistribution.sigma_max
@@ -90,7 +99,12 @@ class TrainConfig:
     validation_steps: int = 25
 
     def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with `changes` (a None sets the field to None, as `dataclasses.replace`)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_given(self, **values) -> "TrainConfig":
+        """A copy with the values a user gave: a None is "not given" (a flag left out), as `AnimateConfig.with_given`."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
 
     def check(self) -> "TrainConfig":
         """Values that are the right type but cannot work, refused before any model loads."""
@@ -102,9 +116,12 @@ class TrainConfig:
         if self.width % 64 or self.height % 64:
             raise InputError(f"width/height must be multiples of 64, got {self.width}x{self.height}")
         for key in ("num_frames", "interval", "max_steps", "batch_size", "gradient_accumulation", "log_every",
-                    "checkpoint_every", "validate_every", "lora_rank"):
+                    "checkpoint_every", "validate_every", "lora_rank", "fps_id"):
             if getattr(self, key) < 1:
                 raise InputError(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("motion_bucket_id", "noise_aug_strength"):
+            if getattr(self, key) < 0:
+                raise InputError(f"{key} must be 0 or more, got {getattr(self, key)}")
         if self.warmup_steps < 0:
             raise InputError(f"warmup_steps must be 0 (constant LR, as published) or more, got {self.warmup_steps}")
         if self.data is None:

@@ -17,11 +17,18 @@ inside the box of each hand whose mean keypoint score is > 0.5, widened by 10 px
 framed like the frames; 1 elsewhere and on frame 0.
 Randomness comes from (seed, epoch, index), so a resumed run sees the same samples as an uninterrupted one.
 
-Differences from `utils/vid_dataset.py`: a clip too short for `num_frames` x `interval` is skipped
-(published: the interval shrinks to fit); frames and pose videos are resized with PIL's antialiased
-bicubic as inference resizes the reference, weights with OpenCV's area filter (published: torchvision's
-antialiased bilinear, crop then resize); a hand box below the score threshold is
-skipped (published: drawn with weight 0, which erases an overlapping confident box).
+Differences from `utils/vid_dataset.py` (the README's training differences table):
+- a clip shorter than a sample's span, (num_frames - 1) x interval + 1 frames, is skipped and counted when
+  the dataset loads (published: under num_frames x interval frames the interval shrinks to
+  length // num_frames; under num_frames frames another clip is drawn at random instead);
+- a sample starts anywhere its frames fit, 0 to frames - span (published: 0 to length - num_frames x
+  interval, so its last interval - 1 starts are never drawn);
+- frames and the published layout's pose videos are resized with PIL's antialiased bicubic as inference
+  resizes the reference, our layout's skeletons are drawn at the training size, hand weights are resized with
+  OpenCV's area filter (published: a crop to the target aspect, then torchvision's antialiased bilinear for
+  all three);
+- a hand box below the score threshold is skipped (published: drawn with weight 0, which erases an
+  overlapping confident box).
 """
 
 from __future__ import annotations

@@ -39,8 +39,6 @@ from .objective import conditioning_dropout, edm_loss, latent_weights, sample_si
 
 logger = logging.getLogger(__name__)
 
-ADDED_TIME_IDS = (6.0, 127.0, 0.02)  # fps 7 - 1, motion bucket 127, noise augmentation 0.02 (published)
-REFERENCE_NOISE = 0.02
 STATE_FILE = "trainer.json"
 
 
@@ -180,7 +178,7 @@ def training_loss(batch: dict, models: dict, unet, encoder, injector: ControlInj
         encoded = vae.encode(pixels.flatten(0, 1).to(vae.dtype)).latent_dist
         latents = (encoded.mean + encoded.std * randn(encoded.mean.shape)).float() * vae.config.scaling_factor
         latents = latents.unflatten(0, (batch_size, frames))
-        noisy_reference = (reference + REFERENCE_NOISE * randn(reference.shape)).to(vae.dtype)
+        noisy_reference = (reference + config.noise_aug_strength * randn(reference.shape)).to(vae.dtype)
         encoded = vae.encode(noisy_reference).latent_dist
         reference_latent = (encoded.mean + encoded.std * randn(encoded.mean.shape)).float()
         image_embeddings = clip_embeddings(models["image_encoder"], models["feature_extractor"], reference).float()
@@ -192,7 +190,7 @@ def training_loss(batch: dict, models: dict, unet, encoder, injector: ControlInj
     image_embeddings = image_embeddings * keep_image.view(-1, 1, 1)
     reference_latent = reference_latent * keep_reference.view(-1, 1, 1, 1)
     model_input = torch.cat([scaled, reference_latent.unsqueeze(1).expand(-1, frames, -1, -1, -1)], dim=2)
-    time_ids = torch.tensor([ADDED_TIME_IDS] * batch_size, device=device)
+    time_ids = added_time_ids(config, batch_size).to(device)
     dtype = next(p for p in unet.parameters()).dtype
     injector.set(encoder(poses, timestep), 1.0)
     try:
@@ -203,6 +201,13 @@ def training_loss(batch: dict, models: dict, unet, encoder, injector: ControlInj
     if config.hand_loss_weight != 1.0:
         weights = latent_weights(batch["hand_weights"].to(device), tuple(latents.shape[-2:]))
     return edm_loss(output, noisy, latents, sigma, weights)
+
+
+def added_time_ids(config: TrainConfig, batch_size: int) -> torch.Tensor:
+    """SVD's micro-conditioning (B, 3), as the pipeline makes it from the same keys: fps_id - 1, motion bucket,
+    noise augmentation (published training: 6, 127, 0.02)."""
+    ids = [config.fps_id - 1, config.motion_bucket_id, config.noise_aug_strength]
+    return torch.tensor([ids] * batch_size, dtype=torch.float32)
 
 
 def make_lr_scheduler(config: TrainConfig, optimizer):
@@ -253,11 +258,16 @@ def resume_state(checkpoint: Path, config: TrainConfig) -> LoopState:
     """Where the loop stood at `checkpoint`, after checking it was made by the same training config."""
     state = json.loads((checkpoint / STATE_FILE).read_text())
     if state["fingerprint"] != config.fingerprint():
-        saved = state.get("config", {})
-        differing = sorted(k for k, v in dataclasses.asdict(config).items()  # a key it lacks is newer than it
-                           if (k not in saved or saved[k] != v) and k not in RESUMABLE_CHANGES)
-        raise InputError(f"{checkpoint}: made with another training config (differs in: "
-                         f"{', '.join(differing) or 'unknown keys'}); resume with the same config or start a new run")
+        saved = state.get("config") or {}
+        # A key the checkpoint lacks is newer than it: the code that wrote it behaved as that key's default does (the
+        # time ids were constants before they were keys), so only a value other than the default differs.
+        known = {**dataclasses.asdict(TrainConfig()), **saved} if saved else {}
+        differing = sorted(k for k, v in dataclasses.asdict(config).items()
+                           if (k not in known or known[k] != v) and k not in RESUMABLE_CHANGES)
+        if differing or not saved:
+            raise InputError(f"{checkpoint}: made with another training config (differs in: "
+                             f"{', '.join(differing) or 'unknown keys'}); resume with the same config or start a new "
+                             f"run")
     step = int(state["step"])
     # Older checkpoints lack the count: step x accumulation, right unless an epoch ended inside an accumulation.
     batches = int(state.get("batches", step * config.gradient_accumulation))
@@ -601,7 +611,8 @@ def write_validation(run: Path, step: int, models: dict, encoder, unet, dataset:
 
 
 def sample_validation(models: dict, encoder, unet, inputs: ValidationInputs, config: TrainConfig) -> torch.Tensor:
-    """The clip's latents, sampled by the inference pipeline from the models being trained."""
+    """The clip's latents, sampled by the inference pipeline from the models being trained, told the time ids
+    they train with."""
     from PIL import Image
 
     from svd_controlnext.pipeline import ControlNeXtSVDPipeline
@@ -612,7 +623,8 @@ def sample_validation(models: dict, encoder, unet, inputs: ValidationInputs, con
     pipe.set_progress_bar_config(disable=True)
     try:
         return pipe(Image.fromarray(inputs.reference), inputs.poses, height=config.height, width=config.width,
-                    num_frames=len(inputs.poses), num_inference_steps=config.validation_steps,
+                    num_frames=len(inputs.poses), num_inference_steps=config.validation_steps, fps=config.fps_id,
+                    motion_bucket_id=config.motion_bucket_id, noise_aug_strength=config.noise_aug_strength,
                     generator=torch.Generator().manual_seed(config.seed), output_type="latent").frames
     finally:  # the training UNet must not keep the validation's control hook
         pipe.detach_control()
