@@ -16,15 +16,12 @@ import warnings
 from pathlib import Path
 
 from svd_animate.options import (add_generation_options, add_options, convert_options, pose_options, positive_int,
-                                  prepare_data_options, train_options, train_config_fields)
+                                  prepare_data_options, train_config_fields, train_options)
 from svd_common.errors import InputError, Terminated, UserError
 
 logger = logging.getLogger("svd_animate")
 
 PROG = "svd-animate"
-
-
-_positive_int = positive_int  # (the ui command's --port)
 
 
 def add_pose_parser(subparsers) -> None:
@@ -145,7 +142,7 @@ def add_batch_parser(subparsers) -> None:
     p.add_argument("--jobs", type=Path, help="manifest (.csv, .yaml) instead of --refs/--poses")
     p.add_argument("--overwrite", action="store_true", help="redo jobs whose output exists")
     p.add_argument("--dry-run", action="store_true", help="list the jobs, what is cached and what would be skipped")
-    p.add_argument("--num-processes", type=_positive_int, default=1,
+    p.add_argument("--num-processes", type=positive_int, default=1,
                    help="split the jobs over N processes (one per GPU when there are GPUs); or use "
                         "`accelerate launch --multi_gpu --num_processes N -m svd_controlnext batch ...`")
     add_generation_options(p)
@@ -279,13 +276,13 @@ def add_ui_parser(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0: every interface, which "
                         "needs --auth, --auth-file or --no-auth)")
-    p.add_argument("--port", type=_positive_int, default=7860, help="port (default 7860)")
+    p.add_argument("--port", type=positive_int, default=7860, help="port (default 7860)")
     p.add_argument("--auth", action="append", metavar="USER:PASSWORD",
                    help="a login the page asks for (repeatable; --auth-file keeps the password out of `ps`)")
     p.add_argument("--auth-file", type=Path, metavar="FILE", help="logins, one user:password a line")
     p.add_argument("--no-auth", action="store_true",
                    help="serve beyond this machine without a login: anyone who reaches it may use the GPU and disk")
-    p.add_argument("--max-upload", type=_positive_int, default=500, metavar="MB",
+    p.add_argument("--max-upload", type=positive_int, default=500, metavar="MB",
                    help="largest upload accepted, in MB (default 500)")
     p.add_argument("--output-dir", type=Path, default=Path("svd-animate-ui"),
                    help="folder for uploads (uploads/) and one folder per job (default ./svd-animate-ui)")
