@@ -536,7 +536,8 @@ class AnimationJob:
     `write` (the video, whole or not at all). Every front end (the CLI, batch, the web page) makes its jobs with
     `Animator.job` and runs the stages it needs. `on_progress(stage, done, total)` is called after each extracted
     frame ("poses"), sampling step ("sampling") and decoded frame ("decoding"); it may raise to stop the job, which
-    then writes nothing."""
+    then writes nothing. With `RunSettings.parallel` each process of a group runs every stage on the same video:
+    process 0 extracts the poses and sends them, each samples and decodes its share, and process 0 writes."""
 
     def __init__(self, animator: Animator, reference, pose_input: Path, output, config: AnimateConfig,
                  side_by_side: bool = False, on_progress: Callable[[str, int, int | None], None] | None = None):
@@ -588,9 +589,9 @@ class AnimationJob:
         animator = self.animator
         if self.output is not None:
             animator.check_weights()  # seconds now, where loading would fail only after the extraction
-        self.extraction, self.ref = reference_frame_poses(
+        self.extraction, self.ref = self.once(lambda: reference_frame_poses(
             self.pose_input, self.reference, self.config, animator.detector, animator.cache, animator.progress,
-            animator.reference, lambda done, total: self.report("poses", done, total))
+            animator.reference, lambda done, total: self.report("poses", done, total)))
         return self.extraction.poses
 
     def sample(self) -> torch.Tensor:
@@ -602,7 +603,7 @@ class AnimationJob:
         self.pose_frames = render_frames(poses, config.height, config.width)
         pipe = animator.pipeline()
         use_scheduler(pipe, config.scheduler, animator._svd_scheduler)
-        self.seed = config.seed if config.seed >= 0 else secrets.randbelow(2**31)  # -1: a new one, reported
+        self.seed = config.seed if config.seed >= 0 else self.once(lambda: secrets.randbelow(2**31))  # -1: reported
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
 
         def each_step(pipe, step, timestep, tensors):
@@ -612,16 +613,18 @@ class AnimationJob:
 
         with self.out_of_memory_hint():
             latents = pipe(Image.fromarray(self.ref.image), self.pose_frames, generator=generator,
-                           output_type="latent", callback_on_step_end=each_step, **pipeline_arguments(config)).frames
+                           output_type="latent", callback_on_step_end=each_step, parallel=animator.run.parallel,
+                           **pipeline_arguments(config)).frames
         check_finite(latents, config.steps, config, animator.dtype)  # whatever the cause: never into a video file
         return latents
 
     def decode(self, latents: torch.Tensor):
         """The video's frames (uint8, H x W x 3), decoded a chunk at a time, the skeleton beside when asked."""
-        animator = self.animator
+        animator, parallel = self.animator, self.animator.run.parallel
+        vae, chunk = animator.pipeline().vae, self.once(lambda: animator.decode_chunk(self.config))
         with self.out_of_memory_hint():
-            decoded = iter_decoded_frames(animator.pipeline().vae, latents, animator.decode_chunk(self.config),
-                                          animator.progress)
+            decoded = iter_decoded_frames(vae, latents, chunk, animator.progress) if parallel is None else \
+                parallel.decoded_frames(vae, latents, chunk, animator.progress)
             for index, frame in enumerate(decoded):
                 yield np.concatenate([self.pose_frames[index], frame], axis=1) if self.side_by_side else frame
                 self.report("decoding", index + 1, len(self.pose_frames))
@@ -633,11 +636,22 @@ class AnimationJob:
         audio = audio_for(self.pose_input, poses) if config.audio and self.recipe.audio else None
         if config.audio and not self.recipe.audio:
             logger.info("--published-sampling: no audio (its floored fps would drift from the clip's sound)")
+        parallel = self.animator.run.parallel
+        if parallel is not None and not parallel.is_main:  # process 0 writes; this one decodes its chunks for it
+            for _ in frames:
+                pass
+            return AnimateResult(self.output, len(poses), fps, self.seed, audio is not None, self.extraction.poses)
         with VideoWriter(self.output, fps=fps, audio=audio, expected_bytes=self.video_bytes(len(poses))) as writer:
             for frame in frames:
                 writer.write(frame)
             audio = writer.audio  # (a .gif has none)
         return AnimateResult(self.output, len(poses), fps, self.seed, audio is not None, self.extraction.poses)
+
+    def once(self, make):
+        """`make()` here, or, when processes share the video, on process 0 with its result (or error) sent to all:
+        work done once (the pose extraction) or that must not differ between them (a drawn seed, the chunk size)."""
+        parallel = self.animator.run.parallel
+        return make() if parallel is None else parallel.from_main(make)
 
     def run(self) -> AnimateResult:
         self.check()

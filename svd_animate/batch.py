@@ -9,6 +9,8 @@
 - One job's failure is recorded and the batch goes on.
 - Several processes (`accelerate launch` or `--num-processes`): jobs are split by driving clip, so a
   clip is extracted once; each process writes its part of the report, the main one merges them.
+- Or Ray workers (`--ray`, svd_animate/ray_batch.py), handed the jobs as they become free; job listing, skips,
+  records and the report are this module's, shared by both backends.
 """
 
 from __future__ import annotations
@@ -245,6 +247,7 @@ def remove_leftovers(outdir: Path) -> list[Path]:
     leftovers = sorted(Path(outdir).glob(PART_GLOB))
     for path in leftovers:
         path.unlink(missing_ok=True)
+        logger.info("%s: removed (left by an interrupted run)", path)
     return leftovers
 
 
@@ -258,7 +261,45 @@ class Record:
     error: str | None = None
     frames: int | None = None
     seconds: float = 0.0
-    process: int = 0
+    process: int = 0  # the process, or the Ray backend's worker, that ran it
+    retries: int = 0  # how often it ran again because its worker was lost (the Ray backend)
+
+
+def new_record(job: Job, process: int = 0, status: str = "done", error: str | None = None) -> Record:
+    return Record(job.number, str(job.ref), str(job.pose), str(job.output), status, error, process=process)
+
+
+def settled(job: Job, overwrite: bool, failed_inputs: dict[Path, str], process: int = 0) -> Record | None:
+    """The record of a job that needs no run (an unreadable input: failed; an existing output: skipped), else None:
+    decided where the jobs are listed, so every backend skips and fails them alike."""
+    bad = [failed_inputs[p] for p in (job.ref, job.pose) if p in failed_inputs]
+    if bad:
+        return new_record(job, process, "failed", bad[0])
+    if job.output.exists() and not overwrite:
+        return new_record(job, process, "skipped")
+    return None
+
+
+def execute(job: Job, run_one: Callable[[Job], int], process: int = 0) -> Record:
+    """Run one job (`run_one` returns its frame count); its failure is recorded, not raised, so the batch goes on."""
+    record = new_record(job, process)
+    started = time.perf_counter()
+    try:
+        record.frames = run_one(job)
+    except UserError as e:
+        record.status, record.error = "failed", str(e)
+    except Exception as e:  # one job's fault (a bad file, a model error) must not stop the batch
+        logger.debug("job %d failed", job.number, exc_info=True)
+        record.status, record.error = "failed", f"{type(e).__name__}: {e}"
+        _free_device_memory()
+    record.seconds = round(time.perf_counter() - started, 3)
+    return record
+
+
+def announce(record: Record) -> None:
+    """A failure is printed when it happens (above the progress bar), not only in the final table."""
+    if record.status == "failed":
+        tqdm.write(f"job {record.job} ({Path(record.output).name}) failed: {record.error}")
 
 
 def run_jobs(jobs: list[Job], run_one: Callable[[Job], int], overwrite: bool = False,
@@ -270,27 +311,15 @@ def run_jobs(jobs: list[Job], run_one: Callable[[Job], int], overwrite: bool = F
                position=0)
     for job in bar:
         bar.set_postfix_str(job.name)
-        record = Record(job.number, str(job.ref), str(job.pose), str(job.output), "done", process=process)
-        bad = [failed_inputs[p] for p in (job.ref, job.pose) if p in failed_inputs]
-        started = time.perf_counter()
-        if bad:
-            record.status, record.error = "failed", bad[0]
-        elif job.output.exists() and not overwrite:
-            record.status = "skipped"
-        else:
-            try:
-                record.frames = run_one(job)
-            except UserError as e:
-                record.status, record.error = "failed", str(e)
-            except Exception as e:  # one job's fault (a bad file, a model error) must not stop the batch
-                logger.debug("job %d failed", job.number, exc_info=True)
-                record.status, record.error = "failed", f"{type(e).__name__}: {e}"
-                _free_device_memory()
-        record.seconds = round(time.perf_counter() - started, 3)
-        if record.status == "failed":
-            tqdm.write(f"job {job.number} ({job.name}) failed: {record.error}")
+        record = settled(job, overwrite, failed_inputs, process) or execute(job, run_one, process)
+        announce(record)
         records.append(record)
     return records
+
+
+def animate_job(animator, job: Job, side_by_side: bool) -> int:
+    """One job on a loaded `Animator`: its frame count."""
+    return animator(job.ref, job.pose, job.output, side_by_side, **dict(job.overrides)).frames
 
 
 def _free_device_memory() -> None:
@@ -311,14 +340,29 @@ def merge_reports(outdir: Path, num_processes: int, seconds: float) -> dict:
         part = part_report(outdir, process, num_processes)
         if part.is_file():
             records += json.loads(part.read_text())
-    records.sort(key=lambda r: r["job"])
-    counts = {status: sum(r["status"] == status for r in records) for status in ("done", "skipped", "failed")}
-    report = {"summary": {"jobs": len(records), **counts, "processes": num_processes, "seconds": round(seconds, 3)},
-              "jobs": records}
-    write_json(Path(outdir) / REPORT, report)
+    report = write_report(outdir, records, num_processes, seconds)
     for process in range(num_processes):
         part_report(outdir, process, num_processes).unlink(missing_ok=True)
     return report
+
+
+def write_report(outdir: Path, records: list[dict], processes: int, seconds: float, **summary) -> dict:
+    """OUTDIR/report.json: the jobs in their numbers' order and the counts (`summary`: what a backend adds)."""
+    records = sorted(records, key=lambda r: r["job"])
+    counts = {status: sum(r["status"] == status for r in records) for status in ("done", "skipped", "failed")}
+    report = {"summary": {"jobs": len(records), **counts, "processes": processes, "seconds": round(seconds, 3),
+                          **summary}, "jobs": records}
+    write_json(Path(outdir) / REPORT, report)
+    return report
+
+
+def print_report(report: dict, outdir: Path, label: str = "") -> int:
+    """The table and the summary line; the exit status (1 when a job failed)."""
+    summary = report["summary"]
+    print(format_table(report["jobs"]))
+    print(f"{Path(outdir) / REPORT}: {summary['jobs']} jobs, {summary['done']} done, {summary['skipped']} skipped, "
+          f"{summary['failed']} failed in {summary['seconds']:.1f} s{label}")
+    return 1 if summary["failed"] else 0
 
 
 def format_table(records: list[dict]) -> str:
@@ -399,25 +443,16 @@ def run_batch_process(jobs: list[Job], config, options: BatchOptions, unreadable
     state = PartialState(cpu=not torch.cuda.is_available() or (options.run.device or "").startswith("cpu"))
     outdir = Path(options.outdir)
     if state.is_main_process:
-        for leftover in remove_leftovers(outdir):
-            logger.info("%s: removed (left by an interrupted run)", leftover)
+        remove_leftovers(outdir)
     state.wait_for_everyone()
     share = split_jobs(jobs, state.num_processes)[state.process_index]
     device = options.run.device or (str(state.device) if state.device.type == "cuda" else "cpu")
     with Animator(config, dataclasses.replace(options.run, device=device)) as animator:
-        def run_one(job: Job) -> int:
-            return animator(job.ref, job.pose, job.output, options.side_by_side, **dict(job.overrides)).frames
-
-        records = run_jobs(share, run_one, options.overwrite, unreadable, state.process_index, options.run.progress)
+        records = run_jobs(share, lambda job: animate_job(animator, job, options.side_by_side), options.overwrite,
+                           unreadable, state.process_index, options.run.progress)
     write_json(part_report(outdir, state.process_index, state.num_processes),
                [dataclasses.asdict(record) for record in records])
     state.wait_for_everyone()
-    failed = any(record.status == "failed" for record in records)
     if state.is_main_process:
-        report = merge_reports(outdir, state.num_processes, time.perf_counter() - started)
-        summary = report["summary"]
-        print(format_table(report["jobs"]))
-        print(f"{outdir / REPORT}: {summary['jobs']} jobs, {summary['done']} done, {summary['skipped']} skipped, "
-              f"{summary['failed']} failed in {summary['seconds']:.1f} s{label}")
-        failed = summary["failed"] > 0
-    return 1 if failed else 0
+        return print_report(merge_reports(outdir, state.num_processes, time.perf_counter() - started), outdir, label)
+    return 1 if any(record.status == "failed" for record in records) else 0

@@ -104,11 +104,16 @@ def add_animate_parser(subparsers) -> None:
     p.add_argument("--ref", required=True, type=Path, help="reference image of the character")
     p.add_argument("--pose", required=True, type=Path, help="driving video, or a PoseSequence .npz")
     p.add_argument("-o", "--output", type=Path, help="output video: .mp4, .mov, .mkv, .webm or .gif (default: <pose>_<ref>.mp4 here)")
+    p.add_argument("--num-processes", type=positive_int, default=1,
+                   help="share this video's windows over N processes (one per GPU when there are GPUs): the same "
+                        "frames, sooner; or use `accelerate launch --num_processes N -m svd_controlnext ...`")
     add_generation_options(p)
     p.set_defaults(run=run_animate)
 
 
 def run_animate(args) -> int:
+    import os
+
     from svd_animate.animate import animate
     from svd_animate.run import RunSettings
 
@@ -116,7 +121,19 @@ def run_animate(args) -> int:
     output = args.output or Path(f"{args.pose.stem}_{args.ref.stem}.mp4")
     run = RunSettings.from_values(vars(args))
     run.resolved_device()  # a bad --device: one line before anything else
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        from svd_animate.animate import Animator
+        from svd_animate.launch import launch_processes
+
+        Animator(config, run).job(args.ref, args.pose, output, bool(args.side_by_side)).check()  # one line, not N
+        return launch_processes(args.num_processes, sys.argv[1:] if args.argv is None else args.argv)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # one of the processes: this video's windows are shared
+        from svd_animate.launch import window_parallel_run
+
+        run = window_parallel_run(run)
     result = animate(args.ref, args.pose, output, config, run, side_by_side=bool(args.side_by_side))
+    if run.parallel is not None and not run.parallel.is_main:
+        return 0
     audio = ", with the driving clip's audio" if result.audio else ""
     seed = f", seed {result.seed}" if config.seed < 0 else ""
     print(f"{result.output}: {result.frames} frames at {result.fps:g} fps{audio}{seed}{random_weights_label(config)}")
@@ -127,7 +144,7 @@ def add_batch_parser(subparsers) -> None:
     from svd_animate.batch import PAIRINGS
 
     p = subparsers.add_parser(
-        "batch", help="animate many references with many driving clips (resumable, multi-process)",
+        "batch", help="animate many references with many driving clips (resumable; several processes or Ray)",
         description="Run many animations with the models loaded once per process. Jobs come from --refs and "
                     "--poses folders or from a --jobs manifest (CSV or YAML: ref, pose, and optional output, "
                     "seed, steps, width, height, stride, max_frames, guidance, control_scale, ...). Outputs that "
@@ -142,9 +159,17 @@ def add_batch_parser(subparsers) -> None:
     p.add_argument("--jobs", type=Path, help="manifest (.csv, .yaml) instead of --refs/--poses")
     p.add_argument("--overwrite", action="store_true", help="redo jobs whose output exists")
     p.add_argument("--dry-run", action="store_true", help="list the jobs, what is cached and what would be skipped")
-    p.add_argument("--num-processes", type=positive_int, default=1,
-                   help="split the jobs over N processes (one per GPU when there are GPUs); or use "
-                        "`accelerate launch --multi_gpu --num_processes N -m svd_controlnext batch ...`")
+    p.add_argument("--num-processes", type=positive_int,
+                   help="split the jobs over N processes (default 1; one per GPU when there are GPUs); or use "
+                        "`accelerate launch --multi_gpu --num_processes N -m svd_controlnext batch ...`; with "
+                        "--ray: N workers (default: one per GPU of the cluster, or one per node without GPUs)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run the jobs on Ray workers, handed out as they become free (pip install "
+                        "'svd-animate[ray]'); ADDRESS: a running cluster's (default: RAY_ADDRESS, else a local "
+                        "one). OUTDIR must be reachable by every worker (a shared filesystem)")
+    p.add_argument("--retries", type=int, default=2, metavar="N",
+                   help="with --ray: how often a job whose worker was lost (process killed, node gone) is run "
+                        "again (default 2)")
     add_generation_options(p)
     p.set_defaults(run=run_batch)
 
@@ -160,6 +185,8 @@ def run_batch(args) -> int:
         raise InputError("give either --jobs FILE or --refs DIR and --poses DIR")
     if args.jobs is None and (args.refs is None or args.poses is None):
         raise InputError("--refs and --poses go together")
+    if args.retries < 0:
+        raise InputError(f"--retries must be at least 0, got {args.retries}")
     config = config_from_args(args)
     if args.device is not None:
         check_device(args.device)
@@ -168,10 +195,14 @@ def run_batch(args) -> int:
         jobs = batch.jobs_from_manifest(args.jobs, outdir, config)
     else:
         jobs = batch.jobs_from_folders(args.refs, args.poses, outdir, args.pairing)
-    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ and not args.dry_run:
+    if args.ray is None and (args.num_processes or 1) > 1 and "WORLD_SIZE" not in os.environ and not args.dry_run:
         from svd_animate.launch import launch_processes  # (each process checks again: one line here, not N)
 
         return launch_processes(args.num_processes, sys.argv[1:] if args.argv is None else args.argv)
+    if args.ray is not None and not args.dry_run:
+        from svd_animate.ray_batch import connect
+
+        connect(args.ray)  # Ray missing or the cluster unreachable: one line, before anything is written
     if not args.dry_run:  # a dry run writes nothing, not even the folder
         batch.prepare_outdir(outdir)
     unreadable = batch.unreadable_inputs(jobs)
@@ -181,6 +212,11 @@ def run_batch(args) -> int:
     if args.dry_run:
         print(batch.dry_run_listing(jobs, config, options, unreadable))
         return 0
+    if args.ray is not None:
+        from svd_animate.ray_batch import run_batch_on_ray
+
+        return run_batch_on_ray(jobs, config, options, unreadable, args.ray, args.num_processes, args.retries,
+                                label=random_weights_label(config))
     return batch.run_batch_process(jobs, config, options, unreadable, label=random_weights_label(config))
 
 

@@ -26,3 +26,19 @@ def launch_processes(num_processes: int, argv: list[str]) -> int:
         except subprocess.TimeoutExpired:
             process.kill()
         raise
+
+
+def window_parallel_run(run):
+    """This process's `RunSettings` in a group started by torchrun or `accelerate launch` that shares one video
+    (`svd_controlnext/parallel.py`): the group joined (gloo on the CPU, nccl on CUDA) as accelerate joins it, the
+    process's GPU (cuda:LOCAL_RANK) unless --device names a device."""
+    import dataclasses
+
+    import torch
+    from accelerate import PartialState
+
+    from svd_controlnext.parallel import WindowParallel
+
+    state = PartialState(cpu=not torch.cuda.is_available() or (run.device or "").startswith("cpu"))
+    device = run.device or (str(state.device) if state.device.type == "cuda" else "cpu")
+    return dataclasses.replace(run, device=device, parallel=WindowParallel(state.process_index, state.num_processes))

@@ -1,11 +1,16 @@
 """The settings of a whole run, beyond the generation config: which weights, which device, where poses are cached,
-where DWPose lives, whether progress is shown. Built once by each front end (`RunSettings.from_values` on the CLI's
-flags, batch, the web page) and handed to the `Animator` as one object."""
+where DWPose lives, whether progress is shown, whether this process shares each video with others. Built once by
+each front end (`RunSettings.from_values` on the CLI's flags, batch, the web page) and handed to the `Animator` as
+one object."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from svd_controlnext.parallel import WindowParallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +21,7 @@ class RunSettings:
     use_cache: bool = True
     dwpose_dir: Path | None = None  # yolox_l.onnx and dw-ll_ucoco_384.onnx (None: the hub's)
     progress: bool = True
+    parallel: "WindowParallel | None" = None  # this process's share of each video (`launch.window_parallel_run`)
 
     @classmethod
     def from_values(cls, values: dict, **overrides) -> "RunSettings":

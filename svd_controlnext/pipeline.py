@@ -10,8 +10,10 @@ VAE conditioning latent, time ids, latents, decoding). What it adds to the denoi
   whole video;
 - the fast-sampling pieces: guidance limited to a σ interval (`guidance.GuidancePolicy`) and DeepCache
   (`deep_cache.apply_deep_cache`, on diffusers' hooks like the control hook).
+- window-parallel sampling: with `parallel` (`parallel.WindowParallel`), this process predicts its share of the
+  windows and the fused prediction is summed over the processes, which all take the same step.
 The call returns diffusers' output with `counts` (`SamplingCounts`): what the call did (encoder calls,
-guided steps, cached UNet calls), per call, not kept on the pipeline.
+guided steps, cached UNet calls), per call and process, not kept on the pipeline.
 With no encoder (or `control_scale=0`) and a single window it computes exactly what the diffusers
 pipeline computes.
 """
@@ -34,6 +36,7 @@ from .deep_cache import DeepCacheConfig, apply_deep_cache
 from .encoder import PoseEncoder
 from .guidance import GuidancePolicy
 from .injection import ControlConfig, ControlInjector, apply_control, find_control
+from .parallel import WindowParallel, shared_control_batches, window_frames
 from .windows import WindowPlan
 
 
@@ -138,13 +141,16 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         return_dict: bool = True,
+        parallel: WindowParallel | None = None,
     ):
         """`reference_pose_in_every_window` reproduces the published quirk: pose frame 0 (the reference's
         pose) is fed at position 0 of every window, and those slots get no fusion weight.
         `guidance_interval=(low, high)`: classifier-free guidance only for σ in (low, high], the conditional half
         alone elsewhere (limited-interval guidance). `cache_interval=N`: DeepCache, the deep UNet blocks
         recomputed every N steps only (1: every step, exact). Any diffusers scheduler set as `self.scheduler`
-        works: the windows' predictions are fused and the scheduler steps once per step on the whole video."""
+        works: the windows' predictions are fused and the scheduler steps once per step on the whole video.
+        `parallel`: this process samples its share of the windows in a group that shares the video (every process
+        makes the same call and gets the same latents; see `parallel.py`); None: one process, every window."""
         # 1. Check inputs
         self.check_inputs(image, height, width)
         device = self._execution_device
@@ -191,6 +197,7 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         conditions = self._conditions(image_embeddings, image_latents, added_time_ids, plan.length)
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         counts = SamplingCounts()
+        own = parallel.windows(len(plan)) if parallel is not None else range(len(plan))
 
         # 5. Denoising loop: each window's guided prediction, fused over the windows; one scheduler step per step
         # (for Euler, affine in the prediction, the same as stepping each window and fusing the latents)
@@ -198,18 +205,22 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         injector = self._control_injector()
         cache = apply_deep_cache(self.unet, DeepCacheConfig(cache_interval)) if cache_interval > 1 else None
         try:
-            with self.progress_bar(total=len(timesteps) * len(plan)) as progress_bar:
+            with self.progress_bar(total=len(timesteps) * len(own)) as progress_bar:
                 for i, t in enumerate(timesteps):
                     guided = guidance.guides(float(self.scheduler.sigmas[i]))
                     counts.guided_steps += guided
                     scaled = self.scheduler.scale_model_input(latents, t)
                     prediction = torch.zeros_like(latents, dtype=fusion_dtype)
                     previous = {}  # this step's control features of the previous window, by frame
-                    for index, ((start, end), weight) in enumerate(zip(plan.windows, weights)):
+                    for index in own:
+                        (start, end), weight = plan.windows[index], weights[index]
                         cached = cache is not None and cache.prepare(index, i, (1 + guided) * plan.length)
                         if injector is not None:
                             control = None
                             if not cached:  # (a cached step skips every block the control reaches)
+                                if index == own.start > 0:  # this process's first window: the overlap's features
+                                    previous = self._shared_control(poses, plan, index, t,
+                                                                    reference_pose_in_every_window, counts)
                                 control, previous, encoded = self._window_control(
                                     poses, start, end, t, reference_pose_in_every_window, previous)
                                 counts.control_calls += encoded > 0
@@ -218,6 +229,8 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
                         noise_pred = self._guided_prediction(scaled[:, start:end], t, conditions[guided], guided)
                         prediction[:, start:end] += weight * noise_pred.to(fusion_dtype)
                         progress_bar.update()
+                    if parallel is not None:
+                        parallel.fuse(prediction)
                     latents = self.scheduler.step(prediction, t, latents.to(fusion_dtype), **step_kwargs
                                                   ).prev_sample.to(latents.dtype)
                     if callback_on_step_end is not None:
@@ -274,16 +287,27 @@ class ControlNeXtSVDPipeline(StableVideoDiffusionPipeline):
         the previous window (the overlap) are not encoded again."""
         if poses is None:
             return None, {}, 0
-        frames = list(range(start, end))
-        if reference_first and start > 0:
-            frames[0] = 0
+        frames = window_frames(start, end, reference_first)
         reuse = previous if not self.pose_encoder.config.temporal_layers else {}
         missing = [frame for frame in frames if frame not in reuse]
-        encoded = {}
-        if missing:
-            window = poses[:, missing].to(device=self._execution_device)
-            window = window.float() / 255.0 if window.dtype == torch.uint8 else window
-            features = self.pose_encoder(window.to(self.pose_encoder.dtype), t)
-            encoded = dict(zip(missing, features))
+        encoded = self._encode_poses(poses, missing, t) if missing else {}
         by_frame = {frame: encoded[frame] if frame in encoded else reuse[frame] for frame in frames}
         return torch.stack([by_frame[frame] for frame in frames]), by_frame, len(missing)
+
+    def _encode_poses(self, poses, frames: list[int], t) -> dict[int, torch.Tensor]:
+        """The control features of `frames`, encoded together, by frame."""
+        window = poses[:, frames].to(device=self._execution_device)
+        window = window.float() / 255.0 if window.dtype == torch.uint8 else window
+        return dict(zip(frames, self.pose_encoder(window.to(self.pose_encoder.dtype), t)))
+
+    def _shared_control(self, poses, plan: WindowPlan, first: int, t, reference_first, counts) -> dict:
+        """Window-parallel: the features of the frames that window `first` shares with the window before it (another
+        process's), encoded in one process's batches, so they are its features bit for bit."""
+        if poses is None or self.pose_encoder.config.temporal_layers:
+            return {}
+        features = {}
+        for frames in shared_control_batches(plan.windows, first, reference_first):
+            features.update(self._encode_poses(poses, frames, t))
+            counts.control_calls += 1
+            counts.control_frames += len(frames)
+        return features

@@ -43,6 +43,19 @@ SLOW = {
     "test_batch.py": {"test_sigkill_then_rerun_finishes_the_rest", "test_batch_runs_skips_and_reports",
                       "test_two_processes_do_each_job_once_and_merge_one_report", "test_dry_run_lists_cache_and_skips"},
     "test_bench_acceptance.py": ALL,
+    "test_window_parallel.py": {
+        "test_two_processes_give_one_process_latents_bit_for_bit",
+        "test_three_windows_over_a_frame_differ_by_rounding_only",
+        "test_each_process_runs_its_windows_and_deep_cache_keeps_their_features",
+        "test_frames_decoded_in_shared_chunks_reach_process_0_in_order",
+        "test_work_done_once_reaches_every_process_with_its_error", "test_num_processes_2_writes_the_same_mp4_bytes",
+        "test_a_driving_video_extracted_by_process_0_fast_and_side_by_side",
+        "test_a_bad_input_is_one_line_before_any_process_starts"},
+    "test_ray_batch.py": {
+        "test_ray_outputs_and_report_are_the_one_process_batchs_and_a_rerun_finishes_the_rest",
+        "test_a_worker_killed_in_a_job_has_its_job_run_again_once",
+        "test_ctrl_c_stops_the_workers_reports_what_finished_and_a_rerun_finishes_the_rest",
+        "test_the_same_errors_as_the_local_batch_before_anything_is_written"},
     "test_compile.py": {
         "test_compiled_fast_sampling_and_decoding_equal_eager_and_do_not_retrace_for_more_windows_or_steps"},
     "test_fast_sampling.py": {

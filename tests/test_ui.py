@@ -41,7 +41,8 @@ def parse_animate(flags):
 def test_every_generation_option_is_a_page_input_or_a_ui_flag():
     parser = cli.build_parser()
     sub = parser._subparsers._group_actions[0].choices  # argparse keeps sub-parsers here
-    animate_dests = {a.dest for a in sub["animate"]._actions} - {"help", "quiet", "verbose", "ref", "pose", "output"}
+    animate_dests = {a.dest for a in sub["animate"]._actions} - {"help", "quiet", "verbose", "ref", "pose", "output",
+                                                                   "num_processes"}
     ui_dests = {a.dest for a in sub["ui"]._actions} - {"help", "quiet", "verbose", "host", "port", "output_dir",
                                                        "examples", "auth", "auth_file", "no_auth", "max_upload"}
     names = {option.name for option in generation_options()}
