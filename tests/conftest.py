@@ -48,8 +48,7 @@ SLOW = {
         "test_three_windows_over_a_frame_differ_by_rounding_only",
         "test_each_process_runs_its_windows_and_deep_cache_keeps_their_features",
         "test_frames_decoded_in_shared_chunks_reach_process_0_in_order",
-        "test_work_done_once_reaches_every_process_with_its_error", "test_num_processes_2_writes_the_same_mp4_bytes",
-        "test_a_driving_video_extracted_by_process_0_fast_and_side_by_side",
+        "test_work_done_once_reaches_every_process_with_its_error", "test_num_processes_2_writes_the_same_mp4_bytes_poses_extracted_by_process_0",
         "test_a_bad_input_is_one_line_before_any_process_starts"},
     "test_ray_batch.py": {
         "test_ray_outputs_and_report_are_the_one_process_batchs_and_a_rerun_finishes_the_rest",

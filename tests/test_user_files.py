@@ -215,7 +215,8 @@ def slow(*args, **kwargs):
         yield frame
         if index == 1:
             print("WRITING", flush=True)
-            time.sleep(60)
+            for _ in range(600):  # short sleeps: a signal taken by another thread (torch's, PyAV's) is handled
+                time.sleep(0.1)   # by the main thread at its next bytecode, not after one long sleep
 animate.iter_decoded_frames = slow
 sys.exit(cli.main(sys.argv[1:]))
 """

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pose.skeleton import PoseSequence
 from svd_controlnext.decode import iter_decoded_frames
 from svd_controlnext.parallel import WindowParallel, assign_windows, control_batches, shared_control_batches
 from svd_controlnext.pipeline import ControlNeXtSVDPipeline
@@ -19,7 +18,6 @@ from svd_controlnext.tiny import tiny_components
 from svd_controlnext.windows import WindowPlan
 from svd_common.errors import InputError
 from tests.conftest import ROOT
-from tests.helpers import make_pose
 
 SIZE, FRAMES, STEPS = 32, 13, 3
 WINDOWS = dict(window_size=4, window_overlap=1)  # 4 windows: 0-3, 3-6, 6-9, 9-12
@@ -158,13 +156,6 @@ def test_work_done_once_reaches_every_process_with_its_error(two_processes):
 
 # ---- the command ---------------------------------------------------------------------------------
 
-def write_poses(path, frames):
-    """A poses file whose joints move, so each frame's skeleton differs."""
-    poses = [make_pose({0: (0.5, 0.3 + 0.01 * t), 1: (0.5, 0.4), 2: (0.4, 0.4 + 0.01 * t)}) for t in range(frames)]
-    PoseSequence.stack(poses, 64, 64, fps=5).save(path)
-    return path
-
-
 def animate(ref, pose, output, *extra):
     command = [sys.executable, "-m", "svd_animate", "-q", "--ref", str(ref), "--pose", str(pose), "--preset", "tiny",
                "--window", "6", "--overlap", "2", "-o", str(output), *extra]  # 16 frames: 4 windows of 6
@@ -181,22 +172,14 @@ def one_and_two_processes(tmp_path, ref, pose, *extra):
     return (tmp_path / "one.mp4").read_bytes(), (tmp_path / "two.mp4").read_bytes(), two.stdout
 
 
-def test_num_processes_2_writes_the_same_mp4_bytes(tmp_path):
-    from PIL import Image
-
-    ref = tmp_path / "ref.png"
-    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), np.uint8)).save(ref)
-    pose = write_poses(tmp_path / "dance.npz", 16)
-    one, two, stdout = one_and_two_processes(tmp_path, ref, pose)
-    assert two == one and stdout.count("two.mp4: 16 frames") == 1  # printed by process 0 only
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["dance.npz", "one.mp4", "ref.png", "two.mp4"]
-
-
-def test_a_driving_video_extracted_by_process_0_fast_and_side_by_side(shared_data, tmp_path):
+def test_num_processes_2_writes_the_same_mp4_bytes_poses_extracted_by_process_0(shared_data, tmp_path):
+    """The CLI end to end (one test: each run starts torch in 3 processes): a real clip whose poses process 0 extracts
+    and sends, --fast (DeepCache's features on each window's process), the skeleton beside."""
     ref, pose = shared_data / "ref_controlnext_v2_01.jpeg", shared_data / "driving_controlnext_v2_01.mp4"
-    one, two, _ = one_and_two_processes(tmp_path, ref, pose, "--detector", "mediapipe", "--fast", "--side-by-side",
-                                        "--no-cache")
-    assert two == one
+    one, two, stdout = one_and_two_processes(tmp_path, ref, pose, "--detector", "mediapipe", "--fast",
+                                             "--side-by-side", "--no-cache", "--max-frames", "16")
+    assert two == one and stdout.count("two.mp4: 16 frames") == 1  # printed by process 0 only
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["one.mp4", "pose-cache", "two.mp4"]  # no part
 
 
 def test_a_bad_input_is_one_line_before_any_process_starts(tmp_path):
