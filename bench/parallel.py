@@ -77,7 +77,7 @@ def main():
     one_seconds, one_latents = sample(args)
     with tempfile.TemporaryDirectory() as folder:
         mp.spawn(worker, args=(args.processes, folder, args), nprocs=args.processes)
-        result = torch.load(Path(folder) / "result.pt")
+        result = torch.load(Path(folder) / "result.pt", weights_only=True)
     print(json.dumps({
         "machine": platform.machine(), "torch": torch.__version__, "threads_per_process": 1,
         "size": f"{args.size}x{args.size}", "frames": args.frames, "window": args.window, "overlap": args.overlap,

@@ -1,6 +1,7 @@
 """Window-parallel sampling: one video's windows shared by 2 processes (gloo on the CPU) give one process's latents,
 frames and file."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 
 from svd_controlnext.decode import iter_decoded_frames
 from svd_controlnext.parallel import WindowParallel, assign_windows, control_batches, shared_control_batches
-from svd_controlnext.pipeline import ControlNeXtSVDPipeline
+from svd_controlnext.pipeline import ControlNeXtSVDPipeline, SamplingCounts
 from svd_controlnext.tiny import tiny_components
 from svd_controlnext.windows import WindowPlan
 from svd_common.errors import InputError
@@ -80,8 +81,9 @@ def worker(rank, world, folder):
         results = {}
         for name, kwargs in CASES.items():
             output = sample(pipe, parallel, **kwargs)
-            results[name], results[f"{name}_counts"] = output.frames, output.counts
-        results["frames"] = list(parallel.decoded_frames(pipe.vae, results["default"], 3))
+            results[name], results[f"{name}_counts"] = output.frames, dataclasses.asdict(output.counts)
+        results["frames"] = [torch.from_numpy(frame) for frame in parallel.decoded_frames(pipe.vae,
+                                                                                          results["default"], 3)]
         results["drawn"] = parallel.from_main(lambda: rank + 100)
         try:
             parallel.from_main(lambda: (_ for _ in ()).throw(InputError("bad --pose on process 0")))
@@ -96,7 +98,9 @@ def worker(rank, world, folder):
 def two_processes(tmp_path_factory):
     folder = tmp_path_factory.mktemp("parallel")
     mp.spawn(worker, args=(2, folder), nprocs=2)
-    return [torch.load(folder / f"{rank}.pt", weights_only=False) for rank in range(2)]
+    loaded = [torch.load(folder / f"{rank}.pt", weights_only=True) for rank in range(2)]  # tensors, numbers, text
+    return [{key: SamplingCounts(**value) if key.endswith("_counts") else value for key, value in results.items()}
+            for results in loaded]
 
 
 @pytest.fixture(scope="module")
