@@ -15,9 +15,9 @@ DEMO_OUT ?= demo
 
 .PHONY: demo ui test test-fast bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): pyproject.toml requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=64" wheel  # wheel: tests/test_packaging.py builds one
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=77" wheel  # wheel: tests/test_packaging.py builds one
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test,ui]"
 	touch $(STAMP)

@@ -12,6 +12,7 @@ published pipeline).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -37,7 +38,7 @@ from svd_common.video import (AudioClip, VideoWriter, check_free_space, check_ou
 from svd_controlnext.decode import iter_decoded_frames
 from svd_controlnext.schedules import ays_sigmas, make_scheduler
 
-from .config import LOAD_KEYS, OFFLOAD_MODES, TINY, AnimateConfig, expand_shortcuts
+from .config import LOAD_KEYS, OFFLOAD_MODES, POSE_KEYS, TINY, AnimateConfig, expand_shortcuts
 from .framing import crop_poses, crop_reference, crop_reference_published
 from .memory import DEFAULT_DECODE_CHUNK, check_frames_fit, decode_chunk_for, free_memory
 from .run import RunSettings
@@ -551,6 +552,8 @@ class AnimationJob:
         self.report = on_progress or (lambda stage, done, total: None)
         self.extraction: Extraction | None = None  # set by `poses`
         self.ref: Reference | None = None
+        self.output_poses: PoseSequence | None = None  # set by `skeletons`: the poses in the output frame
+        self.pose_frames: np.ndarray | None = None  # ... and drawn
         self.seed: int | None = None  # set by `sample`
 
     def check(self) -> None:
@@ -565,19 +568,36 @@ class AnimationJob:
                 check_input_file(path)
         if is_image_path(self.pose_input):
             raise InputError(f"{self.pose_input}: is an image; --pose takes a driving video or a poses .npz")
-        if output is None:
-            return
+        if output is not None:
+            self.check_generation()
+
+    def check_generation(self) -> None:
+        """What a job that samples needs beyond its files: a size the UNet takes, and a video whose length fits in
+        memory (and, when there is an output, on its disk), refused before any pose is extracted. Run by `check`
+        for a job with an output; a front end that keeps the frames (the ComfyUI nodes) runs it itself."""
+        config = self.config
         if config.width % 64 or config.height % 64:
             raise InputError(f"--width/--height must be multiples of 64 (the UNet's latent grid), "
                              f"got {config.width}x{config.height}")
         expected = expected_frames(self.pose_input, config)
-        if expected:  # a video too long for this machine, or its disk, is refused before any pose is extracted
+        if expected:
             self.check_fits(expected)
 
     def check_fits(self, frames: int) -> None:
         animator, config = self.animator, self.config
         check_frames_fit(frames, config.width, config.height, animator.dtype, animator.device, self.side_by_side)
-        check_free_space(self.output, self.video_bytes(frames))
+        if self.output is not None:
+            check_free_space(self.output, self.video_bytes(frames))
+
+    def with_config(self, config: AnimateConfig) -> "AnimationJob":
+        """This job, its poses included once made, with `config` for the stages after them (the ComfyUI Sample node
+        after the Poses node). What the poses were made with (`POSE_KEYS`) cannot change."""
+        changed = [key for key in POSE_KEYS if getattr(config, key) != getattr(self.config, key)]
+        if changed:
+            raise InputError(f"{', '.join(changed)}: set where the poses are made, fixed after")
+        job = copy.copy(self)
+        job.config = config
+        return job
 
     def video_bytes(self, frames: int) -> int:
         """A generous estimate of the output file's size (the skeleton beside the result doubles the width)."""
@@ -594,13 +614,23 @@ class AnimationJob:
             animator.reference, lambda done, total: self.report("poses", done, total)))
         return self.extraction.poses
 
+    def skeletons(self) -> np.ndarray:
+        """The skeleton frames the sampler follows (T, H, W, 3 uint8): the poses in the output frame, the reference's
+        first when the recipe asks. Made once, after `poses`."""
+        if self.pose_frames is None:
+            self.output_poses = output_frame_poses(self.extraction.poses, self.ref, self.config)
+            self.pose_frames = render_frames(self.output_poses, self.config.height, self.config.width)
+        return self.pose_frames
+
+    def fps(self) -> float:
+        """The output's frame rate: the driving clip's over the stride (floored on the published path)."""
+        self.skeletons()
+        return output_fps(self.output_poses, self.config)
+
     def sample(self) -> torch.Tensor:
         """The final latents of the skeleton frames (the reference's pose first when the recipe asks)."""
         config, animator = self.config, self.animator
-        poses = output_frame_poses(self.extraction.poses, self.ref, config)
-        self.check_fits(len(poses))  # now that the length is known (a poses file does not say it before)
-        self.output_poses = poses
-        self.pose_frames = render_frames(poses, config.height, config.width)
+        self.check_fits(len(self.skeletons()))  # now that the length is known (a poses file does not say it before)
         pipe = animator.pipeline()
         use_scheduler(pipe, config.scheduler, animator._svd_scheduler)
         self.seed = config.seed if config.seed >= 0 else self.once(lambda: secrets.randbelow(2**31))  # -1: reported
@@ -632,7 +662,7 @@ class AnimationJob:
     def write(self, frames) -> AnimateResult:
         """`frames` into the output video with the driving clip's audio (whole or not at all)."""
         poses, config = self.output_poses, self.config
-        fps = output_fps(poses, config)
+        fps = self.fps()
         audio = audio_for(self.pose_input, poses) if config.audio and self.recipe.audio else None
         if config.audio and not self.recipe.audio:
             logger.info("--published-sampling: no audio (its floored fps would drift from the clip's sound)")

@@ -2,7 +2,8 @@
 
 Sub-commands: `animate` (the default: `svd-animate --ref img.png --pose dance.mp4`), `batch` (many
 references x many clips), `pose` (driving video -> aligned skeletons), `prepare-data` and `train`
-(fine-tuning), `convert` (published checkpoints -> diffusers-style folder), `ui` (a local web page).
+(fine-tuning), `convert` (published checkpoints -> diffusers-style folder), `ui` (a local web page), `comfyui`
+(the ComfyUI nodes added to a ComfyUI folder).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import threading
 import warnings
 from pathlib import Path
 
-from svd_animate.options import (add_generation_options, add_options, convert_options, pose_options, positive_int,
-                                  prepare_data_options, train_config_fields, train_options)
+from svd_animate.options import (add_generation_options, add_options, comfyui_options, convert_options, pose_options,
+                                  positive_int, prepare_data_options, train_config_fields, train_options)
 from svd_common.errors import InputError, Terminated, UserError
 
 logger = logging.getLogger("svd_animate")
@@ -377,6 +378,24 @@ def run_ui(args) -> int:
     return 0
 
 
+def add_comfyui_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "comfyui", help="add the ComfyUI nodes to a ComfyUI folder (for pip installs; a clone needs nothing)",
+        description="Write COMFYUI_DIR/custom_nodes/svd-animate/: a loader of the nodes of this installed svd-animate "
+                    "and the example workflows. Install svd-animate into the Python that runs ComfyUI first; run "
+                    "again to refresh the folder it wrote.")
+    add_options(p, comfyui_options())
+    p.set_defaults(run=run_comfyui)
+
+
+def run_comfyui(args) -> int:
+    from .comfy.install import install
+
+    folder = install(args.comfyui_dir)
+    print(f"{folder}: the svd-animate nodes and example workflows; restart ComfyUI to load them")
+    return 0
+
+
 def one_line(error) -> str:
     return " ".join(str(error).split())
 
@@ -402,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(subparsers)
     add_convert_parser(subparsers)
     add_ui_parser(subparsers)
+    add_comfyui_parser(subparsers)
     for sub in subparsers.choices.values():
         sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sub.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

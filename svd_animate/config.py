@@ -25,7 +25,7 @@ from svd_controlnext.windows import FUSION_MODES
 
 
 def _presets_dir() -> Path:
-    """The presets: `svd_animate/configs/` in an installed wheel (setup.cfg maps the repository's `configs/`
+    """The presets: `svd_animate/configs/` in an installed wheel (pyproject.toml maps the repository's `configs/`
     there), the repository's `configs/` in a checkout."""
     installed = Path(__file__).resolve().parent / "configs"
     return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "configs"
@@ -38,13 +38,16 @@ DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 def option(default, help: str, *, flag: str | None = "", per_job: bool = False, load: bool = False,
-           minimum: float | None = None, maximum: float | None = None, flag_help: str | None = None):
+           poses: bool = False, minimum: float | None = None, maximum: float | None = None,
+           flag_help: str | None = None):
     """A config field. `flag`: the CLI flag ("" derives `--name-with-dashes`, None: no flag); `per_job`: a batch
-    manifest column; `load`: it decides which models load, so it is fixed for a whole run; `minimum`, `maximum`:
+    manifest column; `load`: it decides which models load, so it is fixed for a whole run; `poses`: the job's
+    `poses` stage uses it (the driving frames, the framing, the alignment), so it is fixed once the poses are made
+    (`AnimationJob.with_settings`; the ComfyUI Poses node's inputs); `minimum`, `maximum`:
     the smallest and largest allowed values; `flag_help`: the flag's own help where the flag inverts the field
     (`--no-audio` leaves out what `audio` keeps), else the field's `help` serves both."""
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "per_job": per_job,
-                                                        "load": load, "minimum": minimum, "maximum": maximum,
+                                                        "load": load, "poses": poses, "minimum": minimum, "maximum": maximum,
                                                         "flag_help": flag_help})
 
 
@@ -56,8 +59,8 @@ class AnimateConfig:
                                          "it (or from `convert`), or a hub repo", load=True)
     unet_weights: str | None = option(None, "fine-tuned UNet loaded over the base's: unet.bin, a folder holding it, "
                                       "or a hub repo", load=True)
-    width: int = option(576, "output width in pixels (a multiple of 64)", per_job=True, minimum=8)
-    height: int = option(1024, "output height in pixels (a multiple of 64)", per_job=True, minimum=8)
+    width: int = option(576, "output width in pixels (a multiple of 64)", per_job=True, poses=True, minimum=8)
+    height: int = option(1024, "output height in pixels (a multiple of 64)", per_job=True, poses=True, minimum=8)
     steps: int = option(25, "denoising steps", per_job=True, minimum=1)
     min_guidance: float = option(3.0, "classifier-free guidance at the first frame of a window", flag=None,
                                  per_job=True, minimum=0)
@@ -72,13 +75,13 @@ class AnimateConfig:
     fusion: Literal[FUSION_MODES] = option("ramp", "how overlapping windows are blended: ramp (position-weighted) "
                                            "or uniform (the published plain mean)", per_job=True)
     prepend_reference_pose: bool = option(False, "the reference image's pose as output frame 0 (published)",
-                                          flag=None)
+                                          flag=None, poses=True)
     reference_pose_in_every_window: bool = option(False, "the reference pose at position 0 of every window "
                                                   "(published)", flag=None)
     published_sampling: bool = option(False, "the published path around the sampler: its reference framing, the "
                                       "reference pose detected on the framed image, the alignment fitted on the "
                                       "whole video with every keypoint, floored fps, DWPose (see "
-                                      "with_published_sampling)", flag=None)
+                                      "with_published_sampling)", flag=None, poses=True)
     scheduler: Literal[SCHEDULERS] = option("euler", "sampler: euler (SVD's), dpm++2m or dpm++2m-sde (EDM "
                                             "DPM-Solver++ on SVD's noise range)", per_job=True)
     sigma_schedule: Literal[SIGMA_SCHEDULES] = option("karras", "noise levels: karras (SVD's) or ays (Align Your "
@@ -90,17 +93,17 @@ class AnimateConfig:
     cache_interval: int = option(1, "DeepCache: the deep UNet blocks run every N steps, reused in between (1: every "
                                     "step, exact)", per_job=True, minimum=1)
     fast_sampling: bool = option(False, "the fast settings (see with_fast_sampling)", flag=None)
-    stride: int = option(2, "use every N-th driving frame", per_job=True, minimum=1)
+    stride: int = option(2, "use every N-th driving frame", per_job=True, poses=True, minimum=1)
     fps: float | None = option(None, "output frame rate: the stride is chosen per clip to come closest to it "
-                                     "(replaces --stride; a slower clip keeps every frame)", per_job=True,
+                                     "(replaces --stride; a slower clip keeps every frame)", per_job=True, poses=True,
                                minimum=0.01)
-    start: float = option(0.0, "start of the driving clip, in seconds", per_job=True, minimum=0)
-    end: float | None = option(None, "end of the driving clip, in seconds (default: its end)", per_job=True,
+    start: float = option(0.0, "start of the driving clip, in seconds", per_job=True, poses=True, minimum=0)
+    end: float | None = option(None, "end of the driving clip, in seconds (default: its end)", per_job=True, poses=True,
                                minimum=0)
     fill: Literal[FILL_MODES] = option("interpolate", "driving frames with nobody found: interpolate between "
-                                       "neighbours or hold the last pose", per_job=True)
+                                       "neighbours or hold the last pose", per_job=True, poses=True)
     max_frames: int | None = option(None, "at most N output frames (the reference-pose frame, when first, counts)",
-                                    per_job=True, minimum=1)
+                                    per_job=True, poses=True, minimum=1)
     fps_id: int = option(7, "SVD's fps conditioning (the model sees fps_id - 1)", flag=None, minimum=1)
     motion_bucket_id: int = option(128, "SVD's motion conditioning (128: what the published ControlNeXt pipeline "
                                         "conditions on, whatever it is passed; its training used 127)", flag=None,
@@ -127,10 +130,10 @@ class AnimateConfig:
     detector: Literal[DETECTORS] = option(
         "auto", "pose backend (default: auto = DWPose, fetched once from the hub yzd-v/DWPose (~350 MB) when not found "
         "locally; MediaPipe, with a warning, when offline or HF_HUB_OFFLINE=1. dwpose: an error instead of falling "
-        "back; mediapipe: never uses the network)", flag=None, load=True)  # flag: options.pose_source_options
+        "back; mediapipe: never uses the network)", flag=None, poses=True, load=True)  # flag: options.pose_source_options
     align: Literal[(*ALIGN_METHODS, "none")] = option(
         "ls", "retarget the driving poses to the reference: ls, the published least-squares fit; bones: ls plus the "
-        "reference's limb lengths; none: keep the driving positions", flag=None, per_job=True)  # (as detector)
+        "reference's limb lengths; none: keep the driving positions", flag=None, poses=True, per_job=True)  # (as detector)
 
     def __post_init__(self):
         check_config(self)
@@ -229,6 +232,7 @@ def parse_value(annotation, value):
     except (TypeError, ValueError):
         raise ValueError(kind.__name__) from None
 LOAD_KEYS = tuple(f.name for f in dataclasses.fields(AnimateConfig) if f.metadata.get("load"))
+POSE_KEYS = tuple(f.name for f in dataclasses.fields(AnimateConfig) if f.metadata.get("poses"))
 
 
 def expand_shortcuts(values: dict) -> dict:

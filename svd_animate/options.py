@@ -31,7 +31,7 @@ class Option:
     name: str
     help: str
     kind: type = str  # int, float, str, bool or Path
-    flag: str = ""  # "" derives `--name-with-dashes`
+    flag: str = ""  # "" derives `--name-with-dashes`; a name without dashes: a positional argument
     choices: tuple | None = None
     default: object = None  # None: not given (the preset's value applies)
     on_page: bool = True
@@ -55,6 +55,9 @@ class Option:
         return not self.cli_flag.startswith("--no-")
 
     def add_to(self, parser) -> None:
+        if not self.cli_flag.startswith("-"):  # a positional argument (`flag` is its name in the usage line)
+            parser.add_argument(self.name, metavar=self.cli_flag, type=self.parse or self.kind, help=self.help)
+            return
         flags = [self.short, self.cli_flag] if self.short else [self.cli_flag]
         if self.is_switch:
             action = "store_true" if self.switch_value else "store_false"
@@ -215,6 +218,10 @@ def convert_options() -> list[Option]:
     ]
 
 
+def comfyui_options() -> list[Option]:
+    return [Option("comfyui_dir", "the ComfyUI folder (with main.py and custom_nodes/)", Path, flag="COMFYUI_DIR")]
+
+
 def check_given(values) -> None:
     """Every value given for a config field (a shortcut: against its first field, `--guidance` against
     min_guidance's), named by its flag: the user typed `--guidance nan`, not min_guidance. Run before the config
@@ -228,14 +235,14 @@ def check_given(values) -> None:
             check_value(fields[target], types[target], value, option.cli_flag)
 
 
-def config_from_values(values) -> AnimateConfig:
-    """The preset, then the published or fast settings, then every value given (None: not given), each checked
-    first and named by its flag. `values` maps option names to values: argparse's namespace as a dict, or the
-    web page's inputs."""
+def config_from_values(values, base: AnimateConfig | None = None) -> AnimateConfig:
+    """The preset (or `base`, a config already made: the ComfyUI nodes' loaded one), then the published or fast
+    settings, then every value given (None: not given), each checked first and named by its flag. `values` maps
+    option names to values: argparse's namespace as a dict, the web page's inputs, or a ComfyUI node's."""
     check_given(values)
     fields = {field.name: values.get(field.name) for field in dataclasses.fields(AnimateConfig)}
     fields = expand_shortcuts({**fields, **{name: values.get(name) for name in SHORTCUTS}})
-    config = load_preset(values.get("preset") or DEFAULT_PRESET)
+    config = base if base is not None else load_preset(values.get("preset") or DEFAULT_PRESET)
     explicit = [key for key, value in fields.items() if value is not None]
     if values.get("published_sampling") and values.get("low_vram"):
         explicit.append("decode_chunk_size")  # its one-frame decode chunks win over the published 2, as --decode-chunk

@@ -692,3 +692,26 @@ def check_writable(path) -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise InputError(f"{path}: not writable")
     return path
+
+
+def write_lossless_clip(frames: np.ndarray, fps: float, path) -> Path:
+    """RGB uint8 frames (T, H, W, 3) as a lossless video (FFV1 in Matroska; `iter_frames` gives the same pixels
+    back), written atomically: frames that arrive in memory (a ComfyUI `IMAGE` batch) handed to code that reads
+    clips."""
+    path = Path(path)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
+        raise InvalidValue(f"frames must be a non-empty uint8 array (T, H, W, 3), got {frames.dtype} "
+                           f"{tuple(frames.shape)}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".part.mkv", dir=path.parent)
+    os.close(fd)
+    try:
+        with av.open(tmp, mode="w", format="matroska", options={"fflags": "+bitexact"}) as container:
+            stream = container.add_stream("ffv1", rate=Fraction(fps).limit_denominator(1001))
+            stream.height, stream.width = frames.shape[1:3]
+            stream.pix_fmt = "bgr0"  # RGB kept as it is (no YUV conversion): lossless
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            container.mux(stream.encode())
+        return publish(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

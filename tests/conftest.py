@@ -55,6 +55,9 @@ SLOW = {
         "test_a_worker_killed_in_a_job_has_its_job_run_again_once",
         "test_ctrl_c_stops_the_workers_reports_what_finished_and_a_rerun_finishes_the_rest",
         "test_the_same_errors_as_the_local_batch_before_anything_is_written"},
+    "test_comfyui.py": {"test_the_example_workflows_run_on_the_tiny_preset_and_give_the_clis_frames",
+                        "test_interrupt_stops_sampling_at_the_next_step",
+                        "test_load_lists_the_model_folders_and_frees_comfyuis_models"},
     "test_compile.py": {
         "test_compiled_fast_sampling_and_decoding_equal_eager_and_do_not_retrace_for_more_windows_or_steps"},
     "test_fast_sampling.py": {

@@ -61,3 +61,16 @@ def test_decode_into_video_file(pipe, tmp_path):
 def test_bad_chunk_size(pipe):
     with pytest.raises(ValueError, match="chunk size"):
         next(iter_decoded_frames(pipe.vae, latents(2), chunk_size=0))
+
+
+def test_the_vaes_own_latents_decode_to_the_same_pixels(pipe):
+    """ComfyUI's LATENT: `unscaled_latents` (what the decoder takes), kept in fp32 off the VAE and decoded with
+    `scaled=False`, gives the pipeline's latents' frames bit for bit."""
+    from svd_controlnext.decode import unscaled_latents
+
+    z = latents(frames=5, seed=3)
+    raw = unscaled_latents(pipe.vae, z)
+    assert raw.shape == (5, 4, 16, 16)
+    assert torch.equal(raw, z[0] * (1 / pipe.vae.config.scaling_factor))
+    expected = np.stack(list(iter_decoded_frames(pipe.vae, z, 2)))
+    assert np.array_equal(np.stack(list(iter_decoded_frames(pipe.vae, raw.float().cpu(), 2, scaled=False))), expected)

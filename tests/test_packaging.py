@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +68,43 @@ def test_python_m_svd_animate_runs_the_command_from_the_wheel(installed, tmp_pat
     assert result.returncode == 2
     assert result.stderr.startswith("svd-animate: error: ") and "tiny" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_wheel_ships_the_comfyui_nodes_and_workflows_not_the_repositorys_init(installed):
+    wheel, _ = installed
+    names = set(zipfile.ZipFile(wheel).namelist())
+    workflows = {f"svd_animate/comfy/example_workflows/{p.name}" for p in (ROOT / "example_workflows").glob("*.json")}
+    assert len(workflows) == 3 and workflows <= names
+    assert {"svd_animate/comfy/nodes.py", "svd_animate/comfy/install.py"} <= names
+    assert "__init__.py" not in names  # ComfyUI's entry to a clone stays in the repository
+
+
+def test_the_dependencies_are_requirements_txt_the_one_list(installed):
+    wheel, _ = installed
+    archive = zipfile.ZipFile(wheel)
+    metadata = archive.read(next(n for n in archive.namelist() if n.endswith("METADATA"))).decode()
+    required = {str(Requirement(line.split(":", 1)[1])) for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:") and "extra ==" not in line}
+    listed = {str(Requirement(line)) for line in (ROOT / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    assert required == listed and "torch>=2.2" in listed
+
+
+def test_the_installed_package_adds_its_nodes_to_a_comfyui_folder(installed, tmp_path):
+    _, site = installed
+    (tmp_path / "ComfyUI" / "custom_nodes").mkdir(parents=True)
+    command = [sys.executable, "-m", "svd_animate", "comfyui", str(tmp_path / "ComfyUI")]
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    for _ in range(2):  # the second run replaces the folder the first wrote
+        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr
+    folder = tmp_path / "ComfyUI" / "custom_nodes" / "svd-animate"
+    assert sorted(p.name for p in (folder / "example_workflows").iterdir()) == ["animate.json", "fast.json",
+                                                                               "poses.json"]
+    assert "from svd_animate.comfy.nodes import NODE_CLASS_MAPPINGS" in (folder / "__init__.py").read_text()
+    assert [p.name for p in folder.parent.iterdir()] == ["svd-animate"]  # no work folder left
+    (folder / "__init__.py").write_text("# someone else's pack\n")
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 2 and "not written by `svd-animate comfyui`" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert (folder / "__init__.py").read_text() == "# someone else's pack\n"
