@@ -507,6 +507,13 @@ class Animator:
         self._resources.close()
         self._detector = None
 
+    def unload(self) -> None:
+        """Close, and drop the pipeline and the framed references: their memory is freed once nothing else holds
+        them (a front end that keeps Animators, ComfyUI's Load node, makes room for another)."""
+        self.close()
+        self._pipe = None
+        self._references.clear()
+
     def __enter__(self):
         return self
 

@@ -138,6 +138,20 @@ def test_load_lists_the_model_folders_and_frees_comfyuis_models(comfy, base):
         compile=False, detector="mediapipe")
     assert comfy.model_management.unloaded == before + 1 and model.config.detector == "mediapipe"
     assert model.device == "cpu" and model._pipe is not None  # loaded by the node, on ComfyUI's device
+    load = comfy.pack.NODE_CLASS_MAPPINGS["SVDAnimateLoad"]().load
+    settings = dict(published_sampling=False, dtype="auto", low_vram=False, compile=False, detector="mediapipe")
+    assert load("tiny", "(preset's)", "(preset's)", offload="none", **settings)[0] is model  # run again: the same
+    (other,) = load("tiny", "(preset's)", "(preset's)", offload="model", **settings)
+    assert other is not model and other.config.offload == "model"
+    assert model._pipe is None  # the previous models let go before others load (ComfyUI does not know ours)
+
+
+def test_the_nodes_refuse_another_packages_module_of_our_names(comfy, monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "pose", types.SimpleNamespace(__file__="/elsewhere/pose/__init__.py"))
+    with pytest.raises(ImportError, match="the module 'pose' comes from /elsewhere, not from svd-animate"):
+        nodes(comfy).check_our_packages()
 
 
 def cli_video(tmp_path, reference, clip, *flags) -> bytes:

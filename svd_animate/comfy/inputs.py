@@ -69,7 +69,7 @@ def input_spec(option: Option) -> tuple:
                  else lowest, "max": option.maximum if option.maximum is not None else largest})
     if option.kind is int:
         return "INT", {**spec, "step": 1, **({"control_after_generate": True} if option.name == "seed" else {})}
-    return "FLOAT", {**spec, "step": 0.01, "round": False}
+    return "FLOAT", {**spec, "step": 0.01, "round": 0.001}  # (the front end rounds to the step unless told)
 
 
 def input_types(options: list[Option]) -> dict:

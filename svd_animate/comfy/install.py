@@ -43,15 +43,18 @@ def install(comfyui) -> Path:
     if target.exists() and not written_here(target):
         raise InputError(f"{target}: already there and not written by `svd-animate comfyui` (a clone of the "
                          "repository loads the nodes itself); remove it first to replace it")
-    work = Path(tempfile.mkdtemp(prefix=f".{FOLDER}.", dir=custom_nodes))
+    # Work names end in .disabled, which ComfyUI does not load, so an interrupted run leaves no second pack behind.
+    work = Path(tempfile.mkdtemp(prefix=f".{FOLDER}.", suffix=".disabled", dir=custom_nodes))
+    old = custom_nodes / f".{FOLDER}.old.disabled"
     try:
         (work / "__init__.py").write_text(LOADER)
         shutil.copytree(example_workflows(), work / "example_workflows",
                         ignore=shutil.ignore_patterns("__pycache__", "__init__.py"))
-        old = target.rename(custom_nodes / f".{FOLDER}.old") if target.exists() else None
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
         publish_folder(work, target)
-        if old is not None:
-            shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target

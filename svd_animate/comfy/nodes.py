@@ -14,6 +14,8 @@ the stages of its `AnimationJob`: the CLI's path, with nothing of the pipeline h
 
 from __future__ import annotations
 
+import gc
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -28,7 +30,7 @@ from svd_common.errors import InputError
 from svd_controlnext.decode import iter_decoded_chunks, unscaled_latents
 
 from ..animate import Animator, AnimationJob
-from ..config import CONFIG_DIR
+from ..config import CONFIG_DIR, LOAD_KEYS
 from ..options import DEFAULT_PRESET, config_from_values
 from ..run import RunSettings
 from .frames import clip_file, image_file, images_from_frames
@@ -47,24 +49,40 @@ LOAD_OPTIONS = [switch_option("published_sampling"),
 POSE_OPTIONS = stage_options(poses=True)
 SAMPLE_OPTIONS = stage_options(poses=False)
 DECODE_OPTIONS = [config_option("decode_chunk_size")]
-FRAME_RATE = ("FLOAT", {"default": 30.0, "min": 0.01, "max": 1000.0, "step": 0.01, "round": False,
+FRAME_RATE = ("FLOAT", {"default": 30.0, "min": 0.01, "max": 1000.0, "step": 0.001, "round": 0.001,
                         "tooltip": "the driving frames' rate (Get Video Components' fps)"})
+# The models loaded, one set at a time, by their load settings: a Load node run again with the same settings (ComfyUI
+# may drop its cached output and run it again) gets the same models, other settings free these first (ComfyUI's
+# memory manager does not know them).
+LOADED: dict[tuple, Animator] = {}
+
+
+def check_our_packages() -> None:
+    """Our top-level packages (`pose`, `svd_common`, `svd_controlnext`) are the ones beside `svd_animate`, not another
+    custom node's modules of the same name (ComfyUI imports every pack into one process)."""
+    home = Path(__file__).resolve().parents[2]
+    for name in ("pose", "svd_common", "svd_controlnext"):
+        found = Path(importlib.import_module(name).__file__).resolve().parents[1]
+        if found != home:
+            raise ImportError(f"svd-animate: the module {name!r} comes from {found}, not from svd-animate ({home}); "
+                              "another custom node or package uses that name")
 
 
 def register_model_folder() -> None:
-    """`models/svd-animate` as a model folder (more in `extra_model_paths.yaml` under `svd-animate:`)."""
-    try:
-        folder_paths.get_folder_paths(MODEL_FOLDER)
-    except KeyError:
-        folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
+    """`models/svd-animate` as a model folder, beside any given in `extra_model_paths.yaml` under `svd-animate:`
+    (ComfyUI's function adds a path once)."""
+    folder_paths.add_model_folder_path(MODEL_FOLDER, os.path.join(folder_paths.models_dir, MODEL_FOLDER))
 
 
 def subfolders(folder_name: str, marker: str) -> list[str]:
-    """The folders holding `marker` under a model folder's paths, by their path relative to it."""
+    """The folders holding `marker` under a model folder's paths (linked folders followed, as ComfyUI's diffusers
+    loader does), by their path relative to it."""
     found = set()
-    for root in map(Path, folder_paths.get_folder_paths(folder_name)):
-        if root.is_dir():
-            found |= {str(path.parent.relative_to(root)) for path in root.rglob(marker)}
+    for root in folder_paths.get_folder_paths(folder_name):
+        for folder, children, files in os.walk(root, followlinks=True):
+            if marker in files or marker in children:
+                found.add(os.path.relpath(folder, root))
+                children.clear()
     return sorted(found - {"."})
 
 
@@ -81,7 +99,9 @@ def progress_reporter():
 
     def report(stage: str, done: int, total: int | None) -> None:
         if total:
-            bars.setdefault(stage, comfy.utils.ProgressBar(total)).update_absolute(done, total)
+            if stage not in bars:
+                bars[stage] = comfy.utils.ProgressBar(total)
+            bars[stage].update_absolute(done, total)
         model_management.throw_exception_if_processing_interrupted()
 
     return report
@@ -160,11 +180,25 @@ class LoadModel:
             config = config.replace(base_model=str(full_folder("diffusers", base_model)))
         run = RunSettings(weights=None if weights == THE_PRESETS else full_folder(MODEL_FOLDER, weights),
                           device=str(model_management.get_torch_device()))
-        free_comfy_models()
-        animator = Animator(config, run)
-        animator.check_weights()
-        animator.pipeline()
-        return (animator,)
+        return (loaded(config, run),)
+
+
+def loaded(config, run: RunSettings) -> Animator:
+    """The models for these load settings: the ones already loaded (with `config`'s per-job values), or, after
+    freeing those and ComfyUI's, new ones."""
+    key = (tuple(getattr(config, name) for name in LOAD_KEYS), run)
+    if key in LOADED:
+        LOADED[key].reconfigure(config)
+        return LOADED[key]
+    while LOADED:
+        LOADED.popitem()[1].unload()
+    gc.collect()
+    free_comfy_models()
+    animator = Animator(config, run)
+    animator.check_weights()
+    animator.pipeline()
+    LOADED[key] = animator
+    return animator
 
 
 class Poses:
@@ -220,9 +254,11 @@ class Decode:
         samples = latent["samples"]
         if samples.ndim != 4 or samples.shape[1] != 4:
             raise InputError(f"latent: expected SVD latents (frames, 4, h, w), got {tuple(samples.shape)}")
-        chunk = model.decode_chunk(config_from_values(given_values(DECODE_OPTIONS, values), base=model.config))
+        free_comfy_models()  # before the chunk is fitted to the free memory
+        scale = model.pipeline().vae_scale_factor  # the chunk for these frames' size, not the preset's
+        size = model.config.replace(width=samples.shape[-1] * scale, height=samples.shape[-2] * scale)
+        chunk = model.decode_chunk(config_from_values(given_values(DECODE_OPTIONS, values), base=size))
         vae, report = model.pipeline().vae, progress_reporter()
-        free_comfy_models()
 
         def frames():
             for chunk_frames in iter_decoded_chunks(vae, samples, chunk, model.progress, scaled=False):
@@ -266,4 +302,5 @@ NODE_CLASS_MAPPINGS = {"SVDAnimateLoad": LoadModel, "SVDAnimatePoses": Poses, "S
 NODE_DISPLAY_NAME_MAPPINGS = {"SVDAnimateLoad": "svd-animate Load", "SVDAnimatePoses": "svd-animate Poses",
                               "SVDAnimateSample": "svd-animate Sample", "SVDAnimateDecode": "svd-animate Decode",
                               "SVDAnimate": "svd-animate Animate"}
+check_our_packages()
 register_model_folder()

@@ -3,7 +3,8 @@ Image (`nodes.py`), Load Video, Get Video Components, Create Video and Save Vide
 V3 schemas, Comfy-Org/ComfyUI commit 39b885f), written as V1 nodes. Frames are read as ComfyUI reads them (PIL,
 EXIF turned, RGB, / 255; PyAV rgb24 / 255). Save Video writes with svd-animate's `VideoWriter`, whose file depends
 on the frames and the rate only, so a test compares it with the CLI's byte for byte (ComfyUI's own encoder settings
-differ; only SaveVideo's `format`/`codec` widgets are kept)."""
+differ). Save Video's `format` is a plain combo here where ComfyUI's is a dynamic one with the codec nested under it:
+the three values a workflow saves for it (prefix, format, codec) are the same."""
 
 from __future__ import annotations
 
@@ -98,6 +99,7 @@ class CreateVideo:
 
 class SaveVideo:
     RETURN_TYPES = ("VIDEO",)
+    RETURN_NAMES = ("video",)
     FUNCTION = "execute"
     OUTPUT_NODE = True
     CATEGORY = "video"

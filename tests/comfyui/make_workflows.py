@@ -46,14 +46,8 @@ WORKFLOWS = {
 }
 
 
-def widget_default(spec):
-    if isinstance(spec[0], list):
-        return spec[1].get("default", spec[0][0]) if len(spec) > 1 else spec[0][0]
-    return spec[1].get("default") if len(spec) > 1 else None
-
-
 def workflow(mappings: dict, nodes: list, links: list) -> dict:
-    from runner import declared_inputs, input_type, is_widget, output_names
+    from runner import declared_inputs, input_type, is_widget, output_names, widget_default
 
     by_id = {node_id: mappings[kind] for node_id, kind, _, _ in nodes}
     link_rows = []
@@ -97,7 +91,7 @@ def main() -> None:
         Path(base, "input", "reference.png").touch()
         Path(base, "input", "driving.mp4").touch()
         import core_nodes
-        from svd_animate.comfy import NODE_CLASS_MAPPINGS
+        from svd_animate.comfy.nodes import NODE_CLASS_MAPPINGS
 
         mappings = {**core_nodes.NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS}
         OUT.mkdir(exist_ok=True)

@@ -2,15 +2,18 @@
 
 - `load_custom_node`: a pack folder imported as `nodes.load_custom_node` does (its `__init__.py` as a module named by
   its path, `.` as `_x_`; the folder not on `sys.path`), its `NODE_CLASS_MAPPINGS` read;
-- `prompt_from_workflow`: a UI workflow (format 0.4: nodes, links) turned into the API prompt as the front end does,
-  checking that each node's inputs and outputs are the ones its class declares (`INPUT_TYPES`, `RETURN_TYPES`,
-  `RETURN_NAMES`) and each link's type is its origin's output type and its target's input type; widget values taken
-  in `INPUT_TYPES` order, the extra value after a `control_after_generate` input skipped, a linked widget's link used;
-- `validate_prompt`: `execution.validate_inputs`'s checks: required inputs, link types (`validate_node_input`: equal
-  or `*`), widget values coerced and checked against min, max and the combo's values, at least one output node;
+- `prompt_from_workflow`: a UI workflow (format 0.4: nodes, links) turned into the API prompt as the front end does
+  (muted and bypassed nodes left out; widget values taken in `INPUT_TYPES` order, the extra value after a
+  `control_after_generate` input skipped, a widget without a value kept at its default, values beyond the widgets
+  ignored (an upload button's); a linked widget's link used), checking, more strictly than the front end, that each
+  node's inputs and outputs are the ones its class declares (`INPUT_TYPES`, `RETURN_TYPES`, `RETURN_NAMES`) and each
+  link's type is its origin's output type and its target's input type: the shipped workflows must match the nodes;
+- `validate_prompt`: `execution.validate_inputs`'s checks: required inputs, links (any `[node, slot]`) and their
+  types (`validate_node_input`: equal, `*`, or overlapping comma-separated unions), widget values coerced and checked
+  against min, max and the combo's values, at least one output node;
 - `execute`: the output nodes and what they need, each node's `FUNCTION` called with keyword arguments on a new
-  instance, its tuple (or `{"result": ...}`) kept per node, and reused by a later prompt for a node with the same
-  inputs, as a ComfyUI server reuses its outputs.
+  instance under `torch.inference_mode()` (as `execution.execute_async`), its tuple (or `{"result": ...}`) kept per
+  node, and reused by a later prompt for a node with the same inputs, as a ComfyUI server reuses its outputs.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import torch
+
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+MUTED, BYPASSED = 2, 4  # a node's `mode`: left out of the prompt
 
 
 class WorkflowError(Exception):
@@ -57,6 +63,8 @@ def prompt_from_workflow(workflow: dict, mappings: dict) -> dict:
     nodes = {node["id"]: node for node in workflow["nodes"]}
     prompt = {}
     for node in workflow["nodes"]:
+        if node.get("mode", 0) in (MUTED, BYPASSED):
+            continue
         cls = mappings.get(node["type"])
         if cls is None:
             raise WorkflowError(f"node {node['id']}: unknown type {node['type']}")
@@ -83,20 +91,26 @@ def prompt_from_workflow(workflow: dict, mappings: dict) -> dict:
                    and name in cls.INPUT_TYPES().get("required", {})]
         if missing:
             raise WorkflowError(f"node {node['id']} ({node['type']}): {', '.join(missing)} not connected")
-        values, widgets = iter(node.get("widgets_values", [])), {}
+        values, widgets, missing = iter(node.get("widgets_values", [])), {}, object()
         for name, spec in declared.items():
             if is_widget(spec):
-                widgets[name] = next(values)
+                value = next(values, missing)
+                widgets[name] = widget_default(spec) if value is missing else value
                 if len(spec) > 1 and spec[1].get("control_after_generate"):
-                    next(values)
-        if next(values, None) is not None:
-            raise WorkflowError(f"node {node['id']} ({node['type']}): more widget values than widgets")
+                    next(values, None)
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": {**widgets, **linked}}
     return prompt
 
 
+def widget_default(spec):
+    options = spec[1] if len(spec) > 1 else {}
+    return options.get("default", spec[0][0] if isinstance(spec[0], list) else None)
+
+
 def validate_node_input(received_type: str, input_type: str) -> bool:
-    return received_type == input_type or "*" in (received_type, input_type)
+    if received_type == input_type or "*" in (received_type, input_type):
+        return True
+    return bool(set(received_type.split(",")) & set(input_type.split(",")))
 
 
 def validate_prompt(prompt: dict, mappings: dict) -> None:
@@ -111,7 +125,9 @@ def validate_prompt(prompt: dict, mappings: dict) -> None:
                 if name in required:
                     raise WorkflowError(f"node {node_id}: required_input_missing {name}")
                 continue
-            if isinstance(value, list) and len(value) == 2 and not isinstance(spec[0], list):
+            if isinstance(value, list):
+                if len(value) != 2:
+                    raise WorkflowError(f"node {node_id}: bad_linked_input {name}")
                 received = mappings[prompt[value[0]]["class_type"]].RETURN_TYPES[value[1]]
                 if not validate_node_input(received, input_type(spec)):
                     raise WorkflowError(f"node {node_id}: return_type_mismatch {name}: {received} -> {spec[0]}")
@@ -164,9 +180,10 @@ def execute(prompt: dict, mappings: dict, cache: dict | None = None) -> dict:
                                                                  else returned)
         return results[node_id]
 
-    for node_id, node in prompt.items():
-        if getattr(mappings[node["class_type"]], "OUTPUT_NODE", False):
-            run(node_id)
+    with torch.inference_mode():
+        for node_id, node in prompt.items():
+            if getattr(mappings[node["class_type"]], "OUTPUT_NODE", False):
+                run(node_id)
     return results
 
 
