@@ -453,7 +453,11 @@ class Animator:
 
     def pipeline(self):
         if self._pipe is None:
-            self._pipe = load_pipeline(self.config, self.run.weights, self.device, self.dtype)
+            # Built outside inference mode, even for a caller inside it (ComfyUI runs every node so): weights made as
+            # inference tensors send some of torch's CPU kernels another way, and the frames then differ from the
+            # CLI's in their last bits (tests/test_comfyui.py, the fast workflow).
+            with torch.inference_mode(False):
+                self._pipe = load_pipeline(self.config, self.run.weights, self.device, self.dtype)
             self._svd_scheduler = self._pipe.scheduler.config
             self._pipe.set_progress_bar_config(desc="sampling (steps x windows)", leave=False,
                                                disable=not self.progress)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from svd_animate.config import POSE_KEYS, AnimateConfig, field_types, allowed_values
+from svd_animate.config import POSE_KEYS, AnimateConfig, allowed_values, field_types
 from tests.conftest import ROOT
 
 STANDINS = ROOT / "tests" / "comfyui"
@@ -65,15 +65,16 @@ def clip_inputs(base, shared_data):
 
 
 def short_clip(shared_data, path: Path) -> Path:
-    """The real clip's first 16 frames at half size (29 fps): seconds to detect at the tiny preset's stride 4."""
+    """The real clip's first 16 frames at half size (29 fps): seconds to detect at the tiny preset's stride 4. Written
+    by our `VideoWriter`, whose bytes depend on the frames only, so every run tests the same clip."""
     import cv2
 
-    from svd_common.video import iter_frames
-    from tests.helpers import write_clip
+    from svd_common.video import VideoWriter, iter_frames
 
-    frames = [cv2.resize(frame, (288, 512), interpolation=cv2.INTER_AREA)
-              for _, frame in iter_frames(shared_data / "driving_controlnext_v2_01.mp4", max_frames=16)]
-    return write_clip(path, frames, fps=29)
+    with VideoWriter(path, fps=29) as writer:
+        for _, frame in iter_frames(shared_data / "driving_controlnext_v2_01.mp4", max_frames=16):
+            writer.write(cv2.resize(frame, (288, 512), interpolation=cv2.INTER_AREA))
+    return path
 
 
 def nodes(comfy):
@@ -183,6 +184,17 @@ def test_the_example_workflows_run_on_the_tiny_preset_and_give_the_clis_frames(c
     assert skeletons.dtype == torch.float32 and skeletons.shape == (4, 64, 64, 3)
     assert torch.equal((skeletons * 255).round().to(torch.uint8), torch.from_numpy(job.skeletons()))
     assert fps == pytest.approx(29 / 4)  # the tiny preset's stride 4 over the clip's 29 fps
+
+
+def test_models_loaded_inside_inference_mode_are_built_outside_it(comfy, base):
+    """ComfyUI runs every node under `torch.inference_mode()`; weights made there as inference tensors send some CPU
+    kernels another way (the fast workflow's frames then differed from the CLI's in their last bits)."""
+    from svd_animate.animate import Animator
+    from svd_animate.config import load_preset
+
+    with torch.inference_mode():
+        unet = Animator(load_preset("tiny")).pipeline().unet
+    assert not any(parameter.is_inference() for parameter in unet.parameters())
 
 
 def test_workflow_checks_catch_a_mistyped_link_and_a_value_out_of_range(comfy, base):

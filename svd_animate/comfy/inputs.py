@@ -11,16 +11,12 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import POSE_KEYS, SWITCHES, AnimateConfig
-from ..options import Option, field_option, field_types
+from ..options import Option, config_field_option
 
 FIELDS = {field.name: field for field in dataclasses.fields(AnimateConfig)}
 NOT_GIVEN = 0  # what a number widget shows for a field whose default is None
 INT_MAX = 2**31 - 1  # a widget needs a maximum; ComfyUI's own default one (2048) is below some of ours
 FLOAT_MAX = 1e6
-
-
-def config_option(name: str) -> Option:
-    return field_option(FIELDS[name], field_types(AnimateConfig)[name])
 
 
 def switch_option(name: str) -> Option:
@@ -31,7 +27,7 @@ def switch_option(name: str) -> Option:
 def stage_options(poses: bool) -> list[Option]:
     """The per-job options of one side of the poses: those the `poses` stage uses (Poses node) or the sampler's
     (Sample node), every per-job field of `AnimateConfig` on one side; `--fast` sets sampler fields only."""
-    options = [config_option(name) for name, field in FIELDS.items()
+    options = [config_field_option(name) for name, field in FIELDS.items()
                if field.metadata.get("per_job") and (name in POSE_KEYS) == poses]
     return options if poses else [switch_option("fast"), *options]
 

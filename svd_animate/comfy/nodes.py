@@ -23,7 +23,6 @@ from pathlib import Path
 import comfy.model_management as model_management
 import comfy.utils
 import folder_paths
-import numpy as np
 import torch
 
 from svd_common.errors import InputError
@@ -31,10 +30,10 @@ from svd_controlnext.decode import iter_decoded_chunks, unscaled_latents
 
 from ..animate import Animator, AnimationJob
 from ..config import CONFIG_DIR, LOAD_KEYS
-from ..options import DEFAULT_PRESET, config_from_values
+from ..options import DEFAULT_PRESET, config_field_option, config_from_values
 from ..run import RunSettings
 from .frames import clip_file, image_file, images_from_frames
-from .inputs import config_option, given_values, input_types, stage_options, switch_option
+from .inputs import given_values, input_types, stage_options, switch_option
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +44,10 @@ MODEL_FOLDER = "svd-animate"  # models/svd-animate: folders from `svd-animate co
 THE_PRESETS = "(preset's)"
 
 LOAD_OPTIONS = [switch_option("published_sampling"),
-                *(config_option(name) for name in ("dtype", "offload", "low_vram", "compile", "detector"))]
+                *(config_field_option(name) for name in ("dtype", "offload", "low_vram", "compile", "detector"))]
 POSE_OPTIONS = stage_options(poses=True)
 SAMPLE_OPTIONS = stage_options(poses=False)
-DECODE_OPTIONS = [config_option("decode_chunk_size")]
+DECODE_OPTIONS = [config_field_option("decode_chunk_size")]
 FRAME_RATE = ("FLOAT", {"default": 30.0, "min": 0.01, "max": 1000.0, "step": 0.001, "round": 0.001,
                         "tooltip": "the driving frames' rate (Get Video Components' fps)"})
 # The models loaded, one set at a time, by their load settings: a Load node run again with the same settings (ComfyUI
