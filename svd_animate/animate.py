@@ -65,8 +65,12 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return dtypes[name]
 
 
+@torch.inference_mode(False)
 def load_pipeline(config: AnimateConfig, weights: Path | None, device: str, dtype: torch.dtype):
-    """The pipeline for a preset: tiny random components, or the base model plus control weights."""
+    """The pipeline for a preset: tiny random components, or the base model plus control weights. Built outside
+    inference mode even for a caller inside it (ComfyUI runs every node so): weights made as inference tensors send
+    some of torch's CPU kernels another way, and the frames then differ from the CLI's in their last bits
+    (tests/test_comfyui.py)."""
     from svd_controlnext.pipeline import ControlNeXtSVDPipeline
 
     if config.base_model == TINY:
@@ -453,11 +457,7 @@ class Animator:
 
     def pipeline(self):
         if self._pipe is None:
-            # Built outside inference mode, even for a caller inside it (ComfyUI runs every node so): weights made as
-            # inference tensors send some of torch's CPU kernels another way, and the frames then differ from the
-            # CLI's in their last bits (tests/test_comfyui.py, the fast workflow).
-            with torch.inference_mode(False):
-                self._pipe = load_pipeline(self.config, self.run.weights, self.device, self.dtype)
+            self._pipe = load_pipeline(self.config, self.run.weights, self.device, self.dtype)
             self._svd_scheduler = self._pipe.scheduler.config
             self._pipe.set_progress_bar_config(desc="sampling (steps x windows)", leave=False,
                                                disable=not self.progress)
@@ -634,7 +634,7 @@ class AnimationJob:
         return self.pose_frames
 
     def fps(self) -> float:
-        """The output's frame rate: the driving clip's over the stride (floored on the published path)."""
+        """The output's frame rate: the driving clip's over the stride (`output_fps`)."""
         self.skeletons()
         return output_fps(self.output_poses, self.config)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from pathlib import Path
 
 from .config import (SHORTCUT_HELP, SHORTCUTS, SWITCHES, AnimateConfig, allowed_values, check_value, expand_shortcuts,
@@ -90,6 +91,15 @@ def seconds(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
     return value
+
+
+def is_optional_number(option: Option) -> bool:
+    """A number that may be left out (`max_frames: None`, a shortcut such as `guidance`): the page shows a text box,
+    where empty means "none" or "the preset's" (Gradio's number box cannot be empty), a ComfyUI widget shows 0."""
+    if option.kind not in (int, float) or option.choices is not None:
+        return False
+    annotation = field_types(AnimateConfig).get(option.name)
+    return annotation is None or type(None) in typing.get_args(annotation)
 
 
 def field_option(field: dataclasses.Field, annotation, **changes) -> Option:

@@ -266,7 +266,8 @@ def test_a_training_loops_control_hook_is_shared_and_kept():
     pipe = ControlNeXtSVDPipeline(**components)
     result = pipe(reference_image(), pose_frames(), **call_kwargs(output_type="latent"))
     assert result.counts.control_calls == STEPS and pipe._injector is training and not training.active
-    torch.testing.assert_close(result.frames, expected, rtol=0, atol=0)  # the control went through that hook
+    # exact on any CPU: the same models and calls in one process run the same kernels; the control went through that hook
+    torch.testing.assert_close(result.frames, expected, rtol=0, atol=0)
     pipe.detach_control()
     assert control_hook(pipe.unet).injector is training
     training.remove()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from svd_common.atomic import publish
 from svd_common.errors import InputError
 from svd_common.video import write_lossless_clip
 
@@ -43,7 +44,7 @@ def image_file(reference: torch.Tensor, folder: Path) -> Path:
     if not path.is_file():
         tmp = path.with_name(f".{path.name}.part")
         Image.fromarray(frames[0]).save(tmp, format="PNG")
-        tmp.replace(path)
+        publish(tmp, path)
     return path
 
 

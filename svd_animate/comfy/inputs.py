@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..config import POSE_KEYS, SWITCHES, AnimateConfig
-from ..options import Option, config_field_option
+from ..options import Option, config_field_option, is_optional_number
 
 FIELDS = {field.name: field for field in dataclasses.fields(AnimateConfig)}
 NOT_GIVEN = 0  # what a number widget shows for a field whose default is None
@@ -33,20 +33,19 @@ def stage_options(poses: bool) -> list[Option]:
 
 
 def widget_default(option: Option):
-    """What the widget shows before the user touches it: the field's default (0 for a field without one), a
-    switch off, an option's own default."""
+    """What the widget shows before the user touches it: the field's default (0 for a number that may be left
+    out), a switch off, an option's own default."""
     if option.is_switch:
         return False
-    field = FIELDS.get(option.name)
-    default = field.default if field is not None else option.default
-    return NOT_GIVEN if default is None and option.kind in (int, float) else default
+    if is_optional_number(option):
+        return NOT_GIVEN
+    return FIELDS[option.name].default if option.name in FIELDS else option.default
 
 
 def tooltip(option: Option) -> str:
     if option.name not in FIELDS:
         return option.help
-    unset = "0" if FIELDS[option.name].default is None and option.kind in (int, float) else "left at its default"
-    return f"{option.help} ({unset}: the preset's value)"
+    return f"{option.help} ({'0' if is_optional_number(option) else 'left at its default'}: the preset's value)"
 
 
 def input_spec(option: Option) -> tuple:
@@ -61,8 +60,8 @@ def input_spec(option: Option) -> tuple:
         return "STRING", spec
     largest = INT_MAX if option.kind is int else FLOAT_MAX
     lowest = option.minimum if option.minimum is not None else -largest
-    spec.update({"min": min(lowest, NOT_GIVEN) if FIELDS.get(option.name) and FIELDS[option.name].default is None
-                 else lowest, "max": option.maximum if option.maximum is not None else largest})
+    spec.update({"min": min(lowest, NOT_GIVEN) if is_optional_number(option) else lowest,
+                 "max": option.maximum if option.maximum is not None else largest})
     if option.kind is int:
         return "INT", {**spec, "step": 1, **({"control_after_generate": True} if option.name == "seed" else {})}
     return "FLOAT", {**spec, "step": 0.01, "round": 0.001}  # (the front end rounds to the step unless told)

@@ -26,7 +26,7 @@ import folder_paths
 import torch
 
 from svd_common.errors import InputError
-from svd_controlnext.decode import iter_decoded_chunks, unscaled_latents
+from svd_controlnext.decode import iter_decoded_frames, unscaled_latents
 
 from ..animate import Animator, AnimationJob
 from ..config import CONFIG_DIR, LOAD_KEYS
@@ -127,9 +127,10 @@ def pose_job(model: Animator, reference: torch.Tensor, driving: torch.Tensor, fr
     return job
 
 
-def sampling_job(poses: AnimationJob, values: dict) -> AnimationJob:
-    """The job of `poses` with the Sample options (and `fast`), reporting to this node's bar."""
-    job = poses.with_config(config_from_values(given_values(SAMPLE_OPTIONS, values), base=poses.config))
+def sampling_job(poses: AnimationJob, values: dict, options=SAMPLE_OPTIONS) -> AnimationJob:
+    """The job of `poses` with the Sample options (and `fast`; Animate's: the Decode ones too), reporting to this
+    node's bar."""
+    job = poses.with_config(config_from_values(given_values(options, values), base=poses.config))
     job.report = progress_reporter()
     return job
 
@@ -221,7 +222,8 @@ class Poses:
 
 
 class Sample:
-    DESCRIPTION = "Samples the animation's latents along the poses (fast: about a quarter of the published time)."
+    DESCRIPTION = ("Samples the animation's latents along the poses (fast: Align Your Steps, interval guidance and "
+                   "DeepCache; 3.6x faster on an H100, BENCHMARKS.md).")
     RETURN_TYPES = ("LATENT",)
     FUNCTION = "sample"
     CATEGORY = CATEGORY
@@ -257,14 +259,8 @@ class Decode:
         scale = model.pipeline().vae_scale_factor  # the chunk for these frames' size, not the preset's
         size = model.config.replace(width=samples.shape[-1] * scale, height=samples.shape[-2] * scale)
         chunk = model.decode_chunk(config_from_values(given_values(DECODE_OPTIONS, values), base=size))
-        vae, report = model.pipeline().vae, progress_reporter()
-
-        def frames():
-            for chunk_frames in iter_decoded_chunks(vae, samples, chunk, model.progress, scaled=False):
-                for frame in chunk_frames.cpu().numpy():
-                    yield frame
-
-        return (to_images(counted(frames(), len(samples), report), len(samples)),)
+        frames = iter_decoded_frames(model.pipeline().vae, samples, chunk, model.progress, scaled=False)
+        return (to_images(counted(frames, len(samples), progress_reporter()), len(samples)),)
 
 
 def counted(frames, total: int, report):
@@ -289,9 +285,8 @@ class Animate:
                              **input_types(DECODE_OPTIONS)}}
 
     def animate(self, model, reference, driving, frame_rate, **values):
-        poses = pose_job(model, reference, driving, frame_rate, values)
-        job = sampling_job(poses, values)
-        job = job.with_config(config_from_values(given_values(DECODE_OPTIONS, values), base=job.config))
+        job = sampling_job(pose_job(model, reference, driving, frame_rate, values), values,
+                           SAMPLE_OPTIONS + DECODE_OPTIONS)
         frames = job.decode(sampled(job))
         return to_images(frames, len(job.skeletons())), job.fps()
 

@@ -32,8 +32,8 @@ from gradio.utils import get_upload_folder, is_in_or_equal
 from svd_common.errors import Cancelled, InputError, UserError
 from svd_common.video import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 
-from ..config import CONFIG_DIR, TINY, AnimateConfig, field_types
-from ..options import DEFAULT_PRESET, Option, generation_options
+from ..config import CONFIG_DIR, TINY, AnimateConfig
+from ..options import DEFAULT_PRESET, Option, generation_options, is_optional_number
 from .jobs import CancelFlag, JobRunner
 
 logger = logging.getLogger(__name__)
@@ -60,15 +60,6 @@ def page_options() -> list[Option]:
 
 def label(option: Option) -> str:
     return option.cli_flag.removeprefix("--").replace("-", " ")
-
-
-def is_optional_number(option: Option) -> bool:
-    """A number that may be left out (`max_frames: None`): a text box, where empty means "none" or "the
-    preset's", since Gradio's number box cannot be empty."""
-    if option.kind not in (int, float) or option.choices is not None:
-        return False
-    annotation = field_types(AnimateConfig).get(option.name)
-    return annotation is None or type(None) in typing.get_args(annotation)
 
 
 def shown_value(config: AnimateConfig, option: Option, current=None):
